@@ -1,0 +1,1 @@
+//! adce agent library (placeholder).

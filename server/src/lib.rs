@@ -1,0 +1,2 @@
+//! adce server library (placeholder).
+pub mod model;

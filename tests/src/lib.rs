@@ -1,0 +1,1 @@
+//! Harness for adce end-to-end tests (placeholder).
