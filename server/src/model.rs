@@ -123,8 +123,9 @@ impl From<Priority> for pb::Priority {
     }
 }
 
-impl From<pb::Priority> for Option<Priority> {
-    fn from(p: pb::Priority) -> Self {
+impl Priority {
+    /// The domain priority of a wire priority; `None` for unspecified.
+    pub fn from_pb(p: pb::Priority) -> Option<Self> {
         match p {
             pb::Priority::Unspecified => None,
             pb::Priority::Low => Some(Priority::Low),
@@ -205,8 +206,9 @@ impl From<TaskState> for pb::TaskState {
     }
 }
 
-impl From<pb::TaskState> for Option<TaskState> {
-    fn from(s: pb::TaskState) -> Self {
+impl TaskState {
+    /// The domain state of a wire state; `None` for unspecified.
+    pub fn from_pb(s: pb::TaskState) -> Option<Self> {
         match s {
             pb::TaskState::Unspecified => None,
             pb::TaskState::Pending => Some(TaskState::Pending),
