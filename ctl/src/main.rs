@@ -1,1 +1,387 @@
-fn main() {}
+//! adcectl: the command line for watching and steering an adce server. This
+//! file owns the command-line interface (clap) and dispatch to the command
+//! modules, and maps their outcome to exit codes: 0 ok, 1 the server answered
+//! with an error or could not be reached (or `health` found something not
+//! serving), 2 usage errors.
+
+mod agents;
+mod client;
+mod coverage;
+mod health;
+mod logs;
+mod output;
+mod reconcile;
+mod status;
+mod tasks;
+
+use std::io;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use adce_proto::v1 as pb;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::client::Target;
+
+/// Watch and steer an adce server: its reconcile loop, task queue, agents,
+/// coverage and logs.
+///
+/// Data goes to stdout, diagnostics to stderr. Exit codes: 0 ok; 1 the server
+/// answered with an error, could not be reached, or (for `health`) something
+/// checked is not serving; 2 usage errors.
+#[derive(Debug, Parser)]
+#[command(name = "adcectl", version, propagate_version = true)]
+struct Cli {
+    /// The server's address: `http://host:port`, or `host:port`.
+    #[arg(
+        long,
+        global = true,
+        env = "ADCE_SERVER",
+        default_value = client::DEFAULT_SERVER,
+        value_parser = client::parse_server,
+        value_name = "URL"
+    )]
+    server: String,
+
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// How long each call may take, e.g. `500ms`, `10s`, `1m`; for streams,
+    /// how long to wait for the next message.
+    #[arg(
+        long,
+        global = true,
+        default_value = "10s",
+        value_parser = client::parse_timeout,
+        value_name = "DURATION"
+    )]
+    timeout: Duration,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the loop state, lake, coverage, task counts and connected agents.
+    Status,
+
+    /// List tasks, newest first, with optional filters.
+    Tasks {
+        /// Only tasks in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// Only tasks of this priority.
+        #[arg(long, value_enum)]
+        priority: Option<PriorityArg>,
+        /// Only tasks of this source.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// At most this many tasks (per page with --all).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Fetch every page instead of only the first.
+        #[arg(long)]
+        all: bool,
+    },
+
+    /// Show one task with its attempts and expected object keys.
+    Task {
+        /// The task's id.
+        id: i64,
+    },
+
+    /// List connected agents and the ones seen recently.
+    Agents,
+
+    /// Show expected, present and missing objects per source, from the last reconcile.
+    Coverage {
+        /// Only this source.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+    },
+
+    /// Check the server's health (the standard gRPC health service).
+    ///
+    /// Without names, checks the whole server (""), both gRPC services and the
+    /// components adce.store, adce.lake, adce.reconciler and adce.dispatcher.
+    /// Exits 1 when any checked name that exists is not SERVING; names the
+    /// server does not know show as `unknown`.
+    Health {
+        /// Service or component names to check instead of the defaults.
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
+    },
+
+    /// Print server events and scraper output, optionally following new entries.
+    ///
+    /// With --follow, a dropped connection or a server restart is survived:
+    /// adcectl reconnects with backoff and resumes after the last entry it
+    /// printed, so no line is lost or printed twice. Ctrl-C stops it.
+    Logs {
+        /// Print the last N matching entries first.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        tail: u32,
+        /// Keep streaming new entries until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only entries after this sequence number (instead of --tail).
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+        /// Only entries about this task.
+        #[arg(long, value_name = "ID")]
+        task: Option<i64>,
+        /// Only entries about this agent.
+        #[arg(long, value_name = "AGENT")]
+        agent: Option<String>,
+        /// Only entries about this source.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// Only entries at this level or above.
+        #[arg(long, value_enum)]
+        level: Option<LevelArg>,
+    },
+
+    /// Run a reconcile now: phases to stderr as they happen, the summary to stdout.
+    Reconcile,
+
+    /// Stop handing out new work; running tasks finish. Prints the loop state.
+    Pause,
+
+    /// Resume handing out work. Prints the loop state.
+    Resume,
+}
+
+/// A task state on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StateArg {
+    /// Waiting for its ready time and an agent.
+    Pending,
+    /// Held by an agent under a lease.
+    Leased,
+    /// Every expected object is present.
+    Done,
+    /// Failed too many times.
+    Dead,
+    /// The data does not exist yet.
+    Unavailable,
+    /// Cancelled by an operator.
+    Cancelled,
+}
+
+impl From<StateArg> for pb::TaskState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Pending => pb::TaskState::Pending,
+            StateArg::Leased => pb::TaskState::Leased,
+            StateArg::Done => pb::TaskState::Done,
+            StateArg::Dead => pb::TaskState::Dead,
+            StateArg::Unavailable => pb::TaskState::Unavailable,
+            StateArg::Cancelled => pb::TaskState::Cancelled,
+        }
+    }
+}
+
+/// A priority on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PriorityArg {
+    /// Data that must land now.
+    Critical,
+    /// Recent data people wait for.
+    High,
+    /// The default.
+    Medium,
+    /// Backfill that can wait.
+    Low,
+}
+
+impl From<PriorityArg> for pb::Priority {
+    fn from(p: PriorityArg) -> Self {
+        match p {
+            PriorityArg::Critical => pb::Priority::Critical,
+            PriorityArg::High => pb::Priority::High,
+            PriorityArg::Medium => pb::Priority::Medium,
+            PriorityArg::Low => pb::Priority::Low,
+        }
+    }
+}
+
+/// A log level on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LevelArg {
+    /// Everything.
+    Debug,
+    /// Normal operation and scraper stdout.
+    Info,
+    /// Recoverable trouble and scraper stderr.
+    Warn,
+    /// Failures that need attention.
+    Error,
+}
+
+impl From<LevelArg> for pb::LogLevel {
+    fn from(l: LevelArg) -> Self {
+        match l {
+            LevelArg::Debug => pb::LogLevel::Debug,
+            LevelArg::Info => pb::LogLevel::Info,
+            LevelArg::Warn => pb::LogLevel::Warn,
+            LevelArg::Error => pb::LogLevel::Error,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("adcectl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("adcectl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether the error is stdout closing under us (`adcectl logs -f | head`),
+/// which is a normal way for a reader to stop.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Runs the chosen command.
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let target = Target {
+        url: cli.server,
+        timeout: cli.timeout,
+    };
+    let json = cli.json;
+    match cli.command {
+        Command::Status => status::status(&target, json).await,
+        Command::Tasks {
+            state,
+            priority,
+            source,
+            limit,
+            all,
+        } => {
+            let query = tasks::Query {
+                state: state.map(Into::into).unwrap_or_default(),
+                priority: priority.map(Into::into).unwrap_or_default(),
+                source: source.unwrap_or_default(),
+                limit,
+                all,
+            };
+            tasks::list(&target, &query, json).await
+        }
+        Command::Task { id } => tasks::show(&target, id, json).await,
+        Command::Agents => agents::list(&target, json).await,
+        Command::Coverage { source } => {
+            coverage::show(&target, source.as_deref().unwrap_or_default(), json).await
+        }
+        Command::Health { services } => health::check(&target, &services, json).await,
+        Command::Logs {
+            tail,
+            follow,
+            since,
+            task,
+            agent,
+            source,
+            level,
+        } => {
+            let filter = logs::Filter {
+                tail,
+                follow,
+                since,
+                task_id: task.unwrap_or_default(),
+                agent_id: agent.unwrap_or_default(),
+                source: source.unwrap_or_default(),
+                min_level: level.map(Into::into).unwrap_or_default(),
+            };
+            logs::run(&target, &filter, json).await
+        }
+        Command::Reconcile => reconcile::run(&target, json).await,
+        Command::Pause => status::set_paused(&target, true, json).await,
+        Command::Resume => status::set_paused(&target, false, json).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "adcectl",
+            "tasks",
+            "--state",
+            "dead",
+            "--json",
+            "--server",
+            "localhost:9",
+            "--timeout",
+            "500ms",
+        ]);
+        let cli = match cli {
+            Ok(cli) => cli,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(cli.json);
+        assert_eq!(cli.server, "http://localhost:9");
+        assert_eq!(cli.timeout, Duration::from_millis(500));
+        match cli.command {
+            Command::Tasks { state, limit, .. } => {
+                assert_eq!(state, Some(StateArg::Dead));
+                assert_eq!(limit, 50);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for argv in [
+            vec!["adcectl", "tasks", "--state", "sleeping"],
+            vec!["adcectl", "tasks", "--priority", "urgent"],
+            vec!["adcectl", "tasks", "--limit", "0"],
+            vec!["adcectl", "logs", "--level", "trace"],
+            vec!["adcectl", "--timeout", "soon", "status"],
+            vec!["adcectl", "task", "twelve"],
+        ] {
+            let result = Cli::try_parse_from(&argv);
+            assert!(result.is_err(), "{argv:?} parsed");
+        }
+    }
+
+    #[test]
+    fn cli_values_map_to_wire_enums() {
+        assert_eq!(
+            pb::TaskState::from(StateArg::Unavailable),
+            pb::TaskState::Unavailable
+        );
+        assert_eq!(pb::Priority::from(PriorityArg::Low), pb::Priority::Low);
+        assert_eq!(pb::LogLevel::from(LevelArg::Warn), pb::LogLevel::Warn);
+    }
+}

@@ -1,0 +1,128 @@
+//! `coverage`: expected, present and missing objects per source from the
+//! server's last reconcile.
+
+use std::process::ExitCode;
+
+use adce_proto::v1 as pb;
+
+use crate::client::Target;
+use crate::output;
+
+/// Runs `coverage`.
+pub async fn show(target: &Target, source: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let request = pb::CoverageRequest {
+        source: source.to_owned(),
+    };
+    let reply = target
+        .call("coverage", client.coverage(target.request(request)))
+        .await?;
+    if json {
+        output::emit_json(&output::coverage_reply_json(&reply))?;
+    } else {
+        output::emit(&render(&reply, output::now_unix_ms()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The per-source table, a TOTAL row, and where the numbers came from.
+pub fn render(reply: &pb::CoverageReply, now_ms: i64) -> String {
+    let mut t = output::table([
+        "SOURCE",
+        "EXPECTED",
+        "PRESENT",
+        "MISSING",
+        "TOO SMALL",
+        "STALE",
+        "%",
+    ]);
+    let mut add = |name: &str, c: &pb::CoverageSummary| {
+        t.add_row(vec![
+            name.to_owned(),
+            c.expected.to_string(),
+            c.present.to_string(),
+            c.missing.to_string(),
+            c.too_small.to_string(),
+            c.stale.to_string(),
+            output::percent(c.percent),
+        ]);
+    };
+    for s in &reply.sources {
+        add(&s.source, &s.coverage.unwrap_or_default());
+    }
+    add("TOTAL", &reply.total.unwrap_or_default());
+    output::align_right(&mut t, &[1, 2, 3, 4, 5, 6]);
+    let mut text = output::render(&t);
+    if reply.computed_unix_ms == 0 {
+        text.push_str("no reconcile has finished yet\n");
+    } else {
+        let evidence = if reply.evidence.is_empty() {
+            String::new()
+        } else {
+            format!(" from {}", reply.evidence)
+        };
+        text.push_str(&format!(
+            "computed {}{evidence}\n",
+            output::local_with_relative(reply.computed_unix_ms, now_ms)
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_729_598_401_000;
+
+    fn summary(expected: u64, present: u64) -> pb::CoverageSummary {
+        pb::CoverageSummary {
+            expected,
+            present,
+            missing: expected - present,
+            too_small: 0,
+            percent: present as f64 * 100.0 / expected as f64,
+            stale: 0,
+        }
+    }
+
+    #[test]
+    fn table_has_a_row_per_source_then_total() {
+        let reply = pb::CoverageReply {
+            sources: vec![
+                pb::SourceCoverage {
+                    source: "espn_pbp".into(),
+                    coverage: Some(summary(200, 150)),
+                    priority: pb::Priority::High as i32,
+                },
+                pb::SourceCoverage {
+                    source: "nba_schedule".into(),
+                    coverage: Some(summary(50, 50)),
+                    priority: pb::Priority::Medium as i32,
+                },
+            ],
+            total: Some(summary(250, 200)),
+            computed_unix_ms: NOW - 60_000,
+            evidence: "listing".into(),
+        };
+        let text = render(&reply, NOW);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("SOURCE"), "{text}");
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["espn_pbp", "200", "150", "50", "0", "0", "75.0%"]
+        );
+        assert!(lines[2].starts_with("nba_schedule"), "{text}");
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["TOTAL", "250", "200", "50", "0", "0", "80.0%"]
+        );
+        assert!(lines[4].contains("(1m ago) from listing"), "{text}");
+    }
+
+    #[test]
+    fn before_the_first_reconcile_it_says_so() {
+        let text = render(&pb::CoverageReply::default(), NOW);
+        assert!(text.contains("no reconcile has finished yet"), "{text}");
+    }
+}

@@ -1,0 +1,264 @@
+//! `status`, `pause` and `resume`: the loop, coverage, task counts and
+//! agents at a glance, and steering the loop.
+
+use std::process::ExitCode;
+
+use adce_proto::v1 as pb;
+
+use crate::client::Target;
+use crate::output::{self, TaskCounts};
+
+/// Runs `status`.
+pub async fn status(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let reply = target
+        .call(
+            "status",
+            client.status(target.request(pb::StatusRequest {})),
+        )
+        .await?;
+    if json {
+        output::emit_json(&output::status_json(&reply))?;
+    } else {
+        output::emit(&render_status(&reply, output::now_unix_ms()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `pause` (`pause == true`) or `resume`.
+pub async fn set_paused(target: &Target, pause: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let reply = if pause {
+        target
+            .call("pause", client.pause(target.request(pb::PauseRequest {})))
+            .await?
+    } else {
+        target
+            .call(
+                "resume",
+                client.resume(target.request(pb::ResumeRequest {})),
+            )
+            .await?
+    };
+    let state = reply.r#loop.unwrap_or_default();
+    if json {
+        output::emit_json(&output::loop_json(&state))?;
+    } else {
+        output::emit(&render_loop(&state, output::now_unix_ms()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One phrase for the loop: `disabled`, `paused`, `running, idle` or
+/// `running, in cycle since 14:00:01 (3m ago)`.
+pub fn loop_phrase(state: &pb::LoopState, now_ms: i64) -> String {
+    if !state.enabled {
+        return "disabled".to_owned();
+    }
+    let mode = if state.paused { "paused" } else { "running" };
+    if state.in_cycle {
+        let since = if state.cycle_started_unix_ms == 0 {
+            String::new()
+        } else {
+            format!(
+                " since {}",
+                output::local_with_relative(state.cycle_started_unix_ms, now_ms)
+            )
+        };
+        format!("{mode}, in cycle{since}")
+    } else {
+        format!("{mode}, idle")
+    }
+}
+
+/// The loop section as `key  value` lines.
+pub fn render_loop(state: &pb::LoopState, now_ms: i64) -> String {
+    let mut t = output::table(["LOOP", ""]);
+    t.add_row(vec!["state".to_owned(), loop_phrase(state, now_ms)]);
+    t.add_row(vec!["cycles".to_owned(), state.cycles.to_string()]);
+    t.add_row(vec![
+        "last reconcile".to_owned(),
+        output::local_with_relative(state.last_reconcile_unix_ms, now_ms),
+    ]);
+    t.add_row(vec![
+        "next reconcile".to_owned(),
+        output::local_with_relative(state.next_reconcile_unix_ms, now_ms),
+    ]);
+    output::render(&t)
+}
+
+/// The whole human status: server and loop, coverage, tasks, agents.
+pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
+    let state = reply.r#loop.unwrap_or_default();
+    let coverage = reply.coverage.unwrap_or_default();
+
+    let mut head = output::table(["SERVER", ""]);
+    head.add_row(vec!["version".to_owned(), reply.version.clone()]);
+    head.add_row(vec!["lake".to_owned(), reply.lake.clone()]);
+    let mut text = output::render(&head);
+    text.push('\n');
+    text.push_str(&render_loop(&state, now_ms));
+
+    let mut cov = output::table([
+        "COVERAGE",
+        "EXPECTED",
+        "PRESENT",
+        "MISSING",
+        "TOO SMALL",
+        "STALE",
+        "%",
+    ]);
+    cov.add_row(vec![
+        "all sources".to_owned(),
+        coverage.expected.to_string(),
+        coverage.present.to_string(),
+        coverage.missing.to_string(),
+        coverage.too_small.to_string(),
+        coverage.stale.to_string(),
+        output::percent(coverage.percent),
+    ]);
+    output::align_right(&mut cov, &[1, 2, 3, 4, 5, 6]);
+    text.push('\n');
+    text.push_str(&output::render(&cov));
+
+    let counts = TaskCounts::from_reply(&reply.tasks);
+    let mut tasks = output::table(["TASKS", "TOTAL", "CRITICAL", "HIGH", "MEDIUM", "LOW"]);
+    for (state, total, by_priority) in &counts.rows {
+        let mut row = vec![output::state_name(*state).to_owned(), total.to_string()];
+        row.extend(by_priority.iter().map(u64::to_string));
+        tasks.add_row(row);
+    }
+    tasks.add_row(vec![
+        "ready now".to_owned(),
+        reply.ready.to_string(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    output::align_right(&mut tasks, &[1, 2, 3, 4, 5]);
+    text.push('\n');
+    text.push_str(&output::render(&tasks));
+
+    text.push('\n');
+    if reply.agents.is_empty() {
+        text.push_str("AGENTS\nnone connected\n");
+    } else {
+        let mut agents = output::table(["AGENTS", "HOST", "SLOTS", "RUNNING"]);
+        for a in &reply.agents {
+            agents.add_row(vec![
+                a.id.clone(),
+                a.hostname.clone(),
+                a.slots.to_string(),
+                a.running_tasks.len().to_string(),
+            ]);
+        }
+        output::align_right(&mut agents, &[2, 3]);
+        text.push_str(&output::render(&agents));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_729_598_401_000;
+
+    fn reply() -> pb::StatusReply {
+        pb::StatusReply {
+            version: "0.1.0".into(),
+            r#loop: Some(pb::LoopState {
+                enabled: true,
+                paused: false,
+                in_cycle: false,
+                last_reconcile_unix_ms: NOW - 180_000,
+                next_reconcile_unix_ms: NOW + 3_420_000,
+                cycle_started_unix_ms: 0,
+                cycles: 2,
+            }),
+            coverage: Some(pb::CoverageSummary {
+                expected: 500,
+                present: 499,
+                missing: 1,
+                too_small: 0,
+                percent: 99.8,
+                stale: 0,
+            }),
+            tasks: vec![pb::StateCount {
+                state: pb::TaskState::Done as i32,
+                total: 400,
+                by_priority: [("high".to_owned(), 400)].into(),
+            }],
+            agents: vec![pb::AgentInfo {
+                id: "agent-1".into(),
+                hostname: "box".into(),
+                slots: 2,
+                running_tasks: vec![12, 13],
+                connected: true,
+                ..Default::default()
+            }],
+            ready: 7,
+            lake: "local:/x".into(),
+        }
+    }
+
+    #[test]
+    fn loop_phrase_names_each_mode() {
+        let mut state = pb::LoopState {
+            enabled: true,
+            ..Default::default()
+        };
+        assert_eq!(loop_phrase(&state, NOW), "running, idle");
+        state.paused = true;
+        assert_eq!(loop_phrase(&state, NOW), "paused, idle");
+        state.paused = false;
+        state.in_cycle = true;
+        state.cycle_started_unix_ms = NOW - 120_000;
+        let phrase = loop_phrase(&state, NOW);
+        assert!(phrase.starts_with("running, in cycle since "), "{phrase}");
+        assert!(phrase.ends_with("(2m ago)"), "{phrase}");
+        state.enabled = false;
+        assert_eq!(loop_phrase(&state, NOW), "disabled");
+    }
+
+    #[test]
+    fn status_shows_every_section_with_its_numbers() {
+        let text = render_status(&reply(), NOW);
+        for needle in [
+            "local:/x",
+            "running, idle",
+            "(3m ago)",
+            "(in 57m)",
+            "99.8%",
+            "unavailable",
+            "cancelled",
+            "ready now",
+            "agent-1",
+            "box",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        let done = text
+            .lines()
+            .find(|l| l.starts_with("done"))
+            .unwrap_or_default();
+        let numbers: Vec<&str> = done.split_whitespace().collect();
+        assert_eq!(numbers, ["done", "400", "0", "400", "0", "0"], "{done}");
+        let agent = text
+            .lines()
+            .find(|l| l.starts_with("agent-1"))
+            .unwrap_or_default();
+        assert_eq!(
+            agent.split_whitespace().collect::<Vec<_>>(),
+            ["agent-1", "box", "2", "2"]
+        );
+    }
+
+    #[test]
+    fn status_without_agents_says_so() {
+        let mut r = reply();
+        r.agents.clear();
+        assert!(render_status(&r, NOW).contains("none connected"));
+    }
+}
