@@ -1,1 +1,171 @@
-fn main() {}
+//! `adce-agent`: the command line over [`adce_agent::run`]. Parses flags
+//! (each with an environment variable), sets up logging to stderr and turns
+//! SIGTERM / SIGINT into a shutdown; a second signal exits at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use adce_agent::{AgentOptions, BackoffPolicy, default_agent_id, default_work_dir, parse_labels};
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Runs adce scrapers for an adce server: connects, takes assignments,
+/// uploads what the scrapers write and reports each result.
+#[derive(Debug, Parser)]
+#[command(name = "adce-agent", version, about, long_about = None)]
+struct Cli {
+    /// Address of the adce server's gRPC endpoint.
+    #[arg(long, env = "ADCE_SERVER", default_value = "http://127.0.0.1:7070")]
+    server: String,
+    /// How many tasks run at once.
+    #[arg(long, env = "ADCE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    slots: u32,
+    /// Labels advertised to the server, e.g. `region=eu,gpu=true`.
+    #[arg(long, env = "ADCE_LABELS", value_parser = labels_arg)]
+    labels: Option<Labels>,
+    /// Stable agent id [default: <hostname>-<pid>].
+    #[arg(long, env = "ADCE_AGENT_ID")]
+    id: Option<String>,
+    /// Directory for per-task work directories [default: <tmp>/adce-agent-<id>].
+    #[arg(long, env = "ADCE_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    /// Log line format on stderr; filter with RUST_LOG (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Parsed `--labels`.
+#[derive(Debug, Clone, Default)]
+struct Labels(BTreeMap<String, String>);
+
+fn labels_arg(value: &str) -> Result<Labels, String> {
+    parse_labels(value)
+        .map(Labels)
+        .map_err(|error| error.to_string())
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM / SIGINT; exits on the second.
+fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::spawn(async move {
+        let mut received = 0_u32;
+        loop {
+            let name = tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            };
+            received += 1;
+            if received == 1 {
+                tracing::info!(signal = name, "stopping: killing running tasks");
+                shutdown.cancel();
+            } else {
+                tracing::warn!(signal = name, "second signal, exiting at once");
+                std::process::exit(1);
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let agent_id = cli.id.unwrap_or_else(default_agent_id);
+    let work_dir = cli.work_dir.unwrap_or_else(|| default_work_dir(&agent_id));
+    let options = AgentOptions {
+        server: cli.server,
+        agent_id: Some(agent_id),
+        slots: cli.slots,
+        labels: cli.labels.map(|labels| labels.0).unwrap_or_default(),
+        work_dir,
+        reconnect: BackoffPolicy::default(),
+    };
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone())?;
+    adce_agent::run(options, shutdown).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn labels_flag_parses_and_reports_errors_clearly() {
+        let cli = Cli::try_parse_from([
+            "adce-agent",
+            "--labels",
+            "region=eu,gpu=true",
+            "--slots",
+            "3",
+        ])
+        .expect("valid flags");
+        assert_eq!(cli.slots, 3);
+        let labels = cli.labels.map(|labels| labels.0).unwrap_or_default();
+        assert_eq!(labels.get("region").map(String::as_str), Some("eu"));
+        assert_eq!(labels.len(), 2);
+
+        let error =
+            Cli::try_parse_from(["adce-agent", "--labels", "region"]).expect_err("bad label");
+        assert!(
+            error
+                .to_string()
+                .contains("invalid label `region`: expected key=value"),
+            "{error}"
+        );
+        let error = Cli::try_parse_from(["adce-agent", "--slots", "0"]).expect_err("zero slots");
+        assert!(error.to_string().contains("--slots"), "{error}");
+    }
+}

@@ -1,0 +1,476 @@
+//! The agent core: one task that owns the connection state machine, the
+//! running tasks and the outbox. It turns server messages into runner tasks
+//! and cancellations, forwards runner events and results (queueing them
+//! while disconnected), heartbeats, and decides when `run` returns (drain
+//! finished or shutdown).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use adce_proto::v1::{
+    AgentMessage, Assign, Heartbeat, Hello, Outcome, ServerMessage, TaskResult, agent_message,
+    server_message,
+};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::Instrument as _;
+
+use crate::Error;
+use crate::backoff::BackoffPolicy;
+use crate::connection::{ConnEvent, ConnState};
+use crate::outbox::{MAX_CHATTER_BYTES, Outbox};
+use crate::runner::{RunnerContext, TaskEvent, TaskSpec, run_task};
+use crate::upload::GrpcUploader;
+
+/// Events runners may queue before they wait for the core.
+const EVENT_CHANNEL_CAPACITY: usize = 1024;
+/// How long shutdown waits for killed tasks to wind down.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a closing session waits for the server to end the stream.
+pub const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who the agent is, as told in Hello.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub(crate) agent_id: String,
+    pub(crate) hostname: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) slots: u32,
+}
+
+/// A task the agent runs.
+struct Running {
+    cancel: CancellationToken,
+    task_id: i64,
+}
+
+/// Why the main loop woke up.
+enum Wake {
+    Shutdown,
+    Joined(Option<Result<(tokio::task::Id, TaskResult), JoinError>>),
+    Event(Option<TaskEvent>),
+    Conn(ConnEvent),
+}
+
+/// The agent core's state; see the module doc.
+pub(crate) struct Agent {
+    identity: Identity,
+    endpoint: Endpoint,
+    reconnect: BackoffPolicy,
+    ctx: Arc<RunnerContext>,
+    uploader: Arc<GrpcUploader>,
+    events_tx: mpsc::Sender<TaskEvent>,
+    events_rx: mpsc::Receiver<TaskEvent>,
+    running: HashMap<String, Running>,
+    joins: JoinSet<TaskResult>,
+    join_leases: HashMap<tokio::task::Id, String>,
+    outbox: Outbox,
+    draining: bool,
+    conn: ConnState,
+    failures: u32,
+}
+
+impl Agent {
+    pub(crate) fn new(
+        identity: Identity,
+        endpoint: Endpoint,
+        reconnect: BackoffPolicy,
+        ctx: RunnerContext,
+        uploader: GrpcUploader,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let hello = hello(&identity, Vec::new());
+        let conn = ConnState::connecting(endpoint.clone(), hello);
+        Self {
+            identity,
+            endpoint,
+            reconnect,
+            ctx: Arc::new(ctx),
+            uploader: Arc::new(uploader),
+            events_tx,
+            events_rx,
+            running: HashMap::new(),
+            joins: JoinSet::new(),
+            join_leases: HashMap::new(),
+            outbox: Outbox::new(MAX_CHATTER_BYTES),
+            draining: false,
+            conn,
+            failures: 0,
+        }
+    }
+
+    /// Runs until drained or `shutdown` is cancelled.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        tracing::info!(agent = %self.identity.agent_id, slots = self.identity.slots, "agent starting");
+        loop {
+            if self.drained() {
+                tracing::info!(agent = %self.identity.agent_id, "drained, stopping");
+                self.close_session().await;
+                return Ok(());
+            }
+            let want_write = self.conn.session().is_some() && !self.outbox.is_empty();
+            let wake = tokio::select! {
+                () = shutdown.cancelled() => Wake::Shutdown,
+                joined = self.joins.join_next_with_id(), if !self.joins.is_empty() => Wake::Joined(joined),
+                event = self.events_rx.recv() => Wake::Event(event),
+                event = self.conn.next_event(want_write) => Wake::Conn(event),
+            };
+            match wake {
+                Wake::Shutdown => return self.shutdown().await,
+                Wake::Joined(Some(joined)) => self.task_joined(joined),
+                Wake::Joined(None) | Wake::Event(None) => {}
+                Wake::Event(Some(event)) => self.outbox.push(event_message(event)),
+                Wake::Conn(event) => self.on_conn_event(event),
+            }
+            self.flush();
+        }
+    }
+
+    /// Drain was asked, nothing runs and every result has been handed over
+    /// (leftover chatter is only waited for while connected).
+    fn drained(&self) -> bool {
+        self.draining
+            && self.running.is_empty()
+            && !self.outbox.has_results()
+            && (self.outbox.is_empty() || self.conn.session().is_none())
+    }
+
+    /// Leases the agent still holds: running, or finished with the result
+    /// not yet handed to the server.
+    fn held_leases(&self) -> Vec<String> {
+        let mut leases: Vec<String> = self
+            .running
+            .keys()
+            .map(String::as_str)
+            .chain(self.outbox.result_leases())
+            .map(str::to_owned)
+            .collect();
+        leases.sort_unstable();
+        leases.dedup();
+        leases
+    }
+
+    fn on_conn_event(&mut self, event: ConnEvent) {
+        match event {
+            ConnEvent::Established(session) => {
+                tracing::info!(
+                    agent = %self.identity.agent_id,
+                    registered_as = %session.welcome.agent_id,
+                    server_version = %session.welcome.server_version,
+                    heartbeat_interval_ms = session.welcome.heartbeat_interval_ms,
+                    lease_ttl_ms = session.welcome.lease_ttl_ms,
+                    "connected"
+                );
+                self.failures = 0;
+                self.conn = ConnState::Connected(session);
+            }
+            ConnEvent::Failed(error) => {
+                let delay = self.reconnect.delay(self.failures);
+                self.failures = self.failures.saturating_add(1);
+                tracing::warn!(
+                    agent = %self.identity.agent_id,
+                    error = %error_chain(&error),
+                    attempt = self.failures,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "cannot connect to the server"
+                );
+                self.conn = ConnState::backoff(delay);
+            }
+            ConnEvent::Retry => {
+                let hello = hello(&self.identity, self.held_leases());
+                self.conn = ConnState::connecting(self.endpoint.clone(), hello);
+            }
+            ConnEvent::Message(message) => self.on_server_message(message),
+            ConnEvent::Closed(status) => self.session_lost(status),
+            ConnEvent::HeartbeatDue => self.heartbeat(),
+            ConnEvent::Writable => {}
+        }
+    }
+
+    /// The session broke: keep recent results for the next one and back off.
+    fn session_lost(&mut self, status: Option<tonic::Status>) {
+        let delay = self.reconnect.delay(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        match status {
+            Some(status) => tracing::warn!(
+                agent = %self.identity.agent_id,
+                code = ?status.code(),
+                message = status.message(),
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "session with the server broke"
+            ),
+            None => tracing::warn!(
+                agent = %self.identity.agent_id,
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "server closed the session"
+            ),
+        }
+        self.outbox.session_lost(Instant::now());
+        self.conn = ConnState::backoff(delay);
+    }
+
+    fn heartbeat(&mut self) {
+        let Some(session) = self.conn.session() else {
+            return;
+        };
+        let message = AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+                running_leases: self.running.keys().cloned().collect(),
+            })),
+        };
+        match session.outbound.try_send(message) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                tracing::debug!("outbound queue full, heartbeat skipped");
+            }
+            Err(TrySendError::Closed(_)) => self.session_lost(None),
+        }
+    }
+
+    fn on_server_message(&mut self, message: ServerMessage) {
+        match message.kind {
+            Some(server_message::Kind::Assign(assign)) => self.assign(assign),
+            Some(server_message::Kind::Cancel(cancel)) => {
+                match self.running.get(&cancel.lease_id) {
+                    Some(running) => {
+                        tracing::info!(lease = %cancel.lease_id, task = running.task_id, reason = %cancel.reason, "cancel requested");
+                        running.cancel.cancel();
+                    }
+                    None => {
+                        tracing::debug!(lease = %cancel.lease_id, reason = %cancel.reason, "cancel for a lease not running here");
+                    }
+                }
+            }
+            Some(server_message::Kind::Drain(drain)) => {
+                tracing::info!(
+                    agent = %self.identity.agent_id,
+                    reason = %drain.reason,
+                    running = self.running.len(),
+                    "drain requested: finishing running tasks, taking no new ones"
+                );
+                self.draining = true;
+            }
+            Some(server_message::Kind::Welcome(welcome)) => {
+                tracing::debug!(registered_as = %welcome.agent_id, "repeated welcome ignored");
+            }
+            None => tracing::warn!("empty server message ignored"),
+        }
+    }
+
+    /// Starts a runner for `assign`, or reports at once why it cannot run.
+    fn assign(&mut self, assign: Assign) {
+        let lease_id = assign.lease_id.clone();
+        if self.running.contains_key(&lease_id) {
+            tracing::warn!(lease = %lease_id, "assignment for a lease already running ignored");
+            return;
+        }
+        let refusal = if self.draining {
+            Some("agent is draining and takes no new tasks".to_owned())
+        } else if self.running.len() >= self.identity.slots as usize {
+            Some(format!(
+                "agent already runs {} tasks, its slot limit",
+                self.identity.slots
+            ))
+        } else {
+            None
+        };
+        let spec = match refusal {
+            Some(reason) => Err(reason),
+            None => TaskSpec::try_from(assign).map_err(|error| error.to_string()),
+        };
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(message) => {
+                tracing::warn!(lease = %lease_id, %message, "assignment refused");
+                self.outbox.push(result_message(TaskResult {
+                    lease_id,
+                    outcome: Outcome::SpawnFailed.into(),
+                    message,
+                    ..TaskResult::default()
+                }));
+                return;
+            }
+        };
+        let task_id = spec.task_id;
+        tracing::info!(lease = %lease_id, task = task_id, "task assigned");
+        let cancel = CancellationToken::new();
+        let span = tracing::info_span!("task", agent = %self.identity.agent_id, lease = %lease_id, task = task_id);
+        let ctx = Arc::clone(&self.ctx);
+        let uploader = Arc::clone(&self.uploader);
+        let events = self.events_tx.clone();
+        let token = cancel.clone();
+        let handle = self.joins.spawn(
+            async move { run_task(spec, &ctx, uploader.as_ref(), &events, &token).await }
+                .instrument(span),
+        );
+        self.join_leases.insert(handle.id(), lease_id.clone());
+        self.running.insert(lease_id, Running { cancel, task_id });
+    }
+
+    /// A runner ended: forward what it said before, then its result.
+    fn task_joined(&mut self, joined: Result<(tokio::task::Id, TaskResult), JoinError>) {
+        // Every event a runner sent happened before it returned, so draining
+        // the channel now keeps logs ahead of the result.
+        while let Ok(event) = self.events_rx.try_recv() {
+            self.outbox.push(event_message(event));
+        }
+        let result = match joined {
+            Ok((id, result)) => {
+                self.join_leases.remove(&id);
+                result
+            }
+            Err(error) => {
+                let Some(lease_id) = self.join_leases.remove(&error.id()) else {
+                    tracing::error!(%error, "unknown runner ended");
+                    return;
+                };
+                tracing::error!(lease = %lease_id, %error, "runner failed");
+                TaskResult {
+                    lease_id,
+                    outcome: Outcome::Exited.into(),
+                    exit_code: -1,
+                    message: format!("the agent's runner failed: {error}"),
+                    ..TaskResult::default()
+                }
+            }
+        };
+        self.running.remove(&result.lease_id);
+        self.outbox.push(result_message(result));
+    }
+
+    /// Hands queued messages to the session while it has room.
+    fn flush(&mut self) {
+        let now = Instant::now();
+        self.outbox.prune_sent(now);
+        let dropped = self.outbox.take_dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "log and progress messages dropped while the server was unreachable"
+            );
+        }
+        let Some(session) = self.conn.session() else {
+            return;
+        };
+        let mut lost = false;
+        while let Some(message) = self.outbox.pop() {
+            let sent_result = match &message.kind {
+                Some(agent_message::Kind::Result(result)) => Some(result.clone()),
+                _ => None,
+            };
+            match session.outbound.try_send(message) {
+                Ok(()) => {
+                    if let Some(result) = sent_result {
+                        self.outbox.mark_sent(result, now);
+                    }
+                }
+                Err(TrySendError::Full(message)) => {
+                    self.outbox.unpop(message);
+                    break;
+                }
+                Err(TrySendError::Closed(message)) => {
+                    self.outbox.unpop(message);
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        if lost {
+            self.session_lost(None);
+        }
+    }
+
+    /// Closes the session, if any, letting queued messages go out.
+    async fn close_session(&mut self) {
+        let conn = std::mem::replace(&mut self.conn, ConnState::Closed);
+        if let ConnState::Connected(session) = conn {
+            (*session).close(SESSION_CLOSE_TIMEOUT).await;
+        }
+    }
+
+    /// Kills every task, reports what can still be reported, and returns.
+    async fn shutdown(mut self) -> Result<(), Error> {
+        tracing::info!(
+            agent = %self.identity.agent_id,
+            running = self.running.len(),
+            "shutting down: killing running tasks"
+        );
+        for running in self.running.values() {
+            running.cancel.cancel();
+        }
+        let grace = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(grace);
+        while !self.joins.is_empty() {
+            tokio::select! {
+                joined = self.joins.join_next_with_id() => {
+                    if let Some(joined) = joined {
+                        self.task_joined(joined);
+                    }
+                }
+                Some(event) = self.events_rx.recv() => self.outbox.push(event_message(event)),
+                () = &mut grace => {
+                    tracing::warn!(running = self.joins.len(), "tasks did not stop in time, aborting them");
+                    // Aborting drops each runner, whose process-group guard
+                    // kills what is left.
+                    self.joins.shutdown().await;
+                    break;
+                }
+            }
+        }
+        self.flush();
+        self.close_session().await;
+        if self.outbox.has_results() {
+            tracing::warn!(
+                unsent = self.outbox.result_leases().count(),
+                "results not delivered before shutdown"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn hello(identity: &Identity, running_leases: Vec<String>) -> Hello {
+    Hello {
+        agent_id: identity.agent_id.clone(),
+        hostname: identity.hostname.clone(),
+        labels: identity
+            .labels
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
+        slots: identity.slots,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        running_leases,
+    }
+}
+
+fn event_message(event: TaskEvent) -> AgentMessage {
+    let kind = match event {
+        TaskEvent::Logs(lines) => agent_message::Kind::LogLines(lines),
+        TaskEvent::Progress(progress) => agent_message::Kind::Progress(progress),
+    };
+    AgentMessage { kind: Some(kind) }
+}
+
+fn result_message(result: TaskResult) -> AgentMessage {
+    AgentMessage {
+        kind: Some(agent_message::Kind::Result(result)),
+    }
+}
+
+/// The error and its sources, joined for one log field.
+fn error_chain(error: &Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,96 @@
+//! The crate's one error type: invalid options and labels, connection and
+//! protocol failures, and the classified upload failures the runner acts on.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the agent library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The options given to [`crate::run`] cannot work.
+    #[error("invalid agent options: {0}")]
+    InvalidOptions(String),
+    /// The server address is not a valid URI.
+    #[error("invalid server address `{address}`")]
+    InvalidServer {
+        /// The address as given.
+        address: String,
+        /// Why it does not parse.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A `--labels` value is not a comma-separated list of `key=value` pairs.
+    #[error("invalid label `{label}`: {reason}")]
+    InvalidLabel {
+        /// The offending `key=value` item.
+        label: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A directory the agent needs could not be created or cleaned.
+    #[error("cannot prepare directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The transport to the server failed (connect, TLS, HTTP/2).
+    #[error("cannot reach the server")]
+    Transport(#[from] tonic::transport::Error),
+    /// The server answered a call with an error status.
+    #[error("server returned {:?}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The server broke the session protocol (e.g. no Welcome after Hello).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// An assignment cannot be run as given (bad argv, env or lease id).
+    #[error("invalid assignment: {0}")]
+    InvalidAssignment(String),
+    /// The server refused an uploaded key (INVALID_ARGUMENT), e.g. not an
+    /// expected key of the lease; other files can still be uploaded.
+    #[error("server refused key `{key}`: {message}")]
+    UploadRefused {
+        /// The refused key.
+        key: String,
+        /// The server's reason.
+        message: String,
+    },
+    /// The lease is no longer live (FAILED_PRECONDITION / NOT_FOUND): no
+    /// further upload for it can succeed.
+    #[error("lease is no longer live: {0}")]
+    LeaseGone(String),
+    /// The upload failed in a way that may go away on retry (UNAVAILABLE,
+    /// broken connection, ...).
+    #[error("upload interrupted: {0}")]
+    UploadTransient(String),
+    /// The upload failed for good (local read error, unexpected server status).
+    #[error("upload failed: {0}")]
+    UploadFailed(String),
+}
+
+impl Error {
+    /// Classifies a status returned by `AgentGateway.Upload` for `key`.
+    pub fn from_upload_status(key: &str, status: &tonic::Status) -> Self {
+        use tonic::Code;
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::InvalidArgument => Error::UploadRefused {
+                key: key.to_owned(),
+                message,
+            },
+            Code::FailedPrecondition | Code::NotFound => Error::LeaseGone(message),
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted => Error::UploadTransient(format!("{:?}: {message}", status.code())),
+            code => Error::UploadFailed(format!("{code:?}: {message}")),
+        }
+    }
+
+    /// Whether retrying the same operation may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::UploadTransient(_) | Error::Transport(_))
+    }
+}
