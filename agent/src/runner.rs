@@ -401,6 +401,9 @@ async fn execute<U: Uploader>(
         .args(args)
         .env_clear()
         .envs(child_env(&ctx.base_env, &spec.env, out_dir))
+        // Scratch files a scraper writes in its working directory are
+        // removed with the task directory.
+        .current_dir(out_dir.parent().unwrap_or(out_dir))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -534,10 +537,12 @@ async fn execute<U: Uploader>(
         (None, Some(code)) => {
             result.set_outcome(Outcome::Exited);
             result.exit_code = code;
-            if code != 0 {
+            if code == 0 {
+                upload(spec, ctx, uploader, out_dir, cancel, forwarder, result).await;
+            } else {
+                // A failed run's files may be partial: they never reach the lake.
                 result.message = forwarder.last_stderr.clone().unwrap_or_default();
             }
-            upload(spec, ctx, uploader, out_dir, cancel, forwarder, result).await;
         }
     }
 }

@@ -487,3 +487,26 @@ async fn refused_keys_are_noted_and_failed_uploads_fail_the_task() -> anyhow::Re
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failed_run_uploads_nothing_and_runs_in_its_task_dir() -> anyhow::Result<()> {
+    let script = r#"printf partial > "$ADCE_OUTPUT_DIR/a"; pwd; echo broke >&2; exit 3"#;
+    let dir = tempfile::tempdir()?;
+    let recorder = Recorder::default();
+    let run = run_with(
+        spec(sh(script)),
+        dir.path(),
+        &recorder,
+        &CancellationToken::new(),
+    )
+    .await?;
+    assert_eq!(run.result.outcome(), Outcome::Exited);
+    assert_eq!(run.result.exit_code, 3);
+    assert_eq!(run.result.message, "broke");
+    assert!(run.result.uploaded_keys.is_empty());
+    assert!(recorder.uploads().is_empty(), "a failed run uploaded files");
+    let cwd = run.texts(OutputStream::Stdout);
+    assert_eq!(cwd.len(), 1);
+    assert!(cwd[0].ends_with("/lease-1"), "scraper ran in {}", cwd[0]);
+    Ok(())
+}
