@@ -209,7 +209,7 @@ pub async fn upload_all<U: Uploader>(
         loop {
             match uploader.upload(lease_id, &file.key, &file.path).await {
                 Ok(receipt) => {
-                    tracing::info!(
+                    tracing::debug!(
                         lease = lease_id,
                         key = %receipt.key,
                         size = receipt.size,

@@ -1,2 +1,22 @@
-//! adce server library (placeholder).
+//! adce-server: declares what the lake SHOULD hold (the catalog), observes
+//! what it HAS, turns every gap into a durable prioritized task and hands the
+//! tasks to agents over gRPC. See ARCHITECTURE.md for the map.
+
+pub mod autoloop;
+pub mod catalog;
+pub mod config;
+pub mod control;
+pub mod dev;
+pub mod error;
+pub mod gateway;
+pub mod lake;
+pub mod logs;
 pub mod model;
+pub mod reconcile;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod template;
+
+pub use error::{Error, Result};
+pub use server::run;

@@ -1,0 +1,966 @@
+//! The catalog: what SHOULD exist. Sources expand into partitions and expected object
+//! keys; scrapers render into argv and environment for one task. Pure: no I/O, and
+//! `today` is an argument so expansion is deterministic.
+//!
+//! Architecture invariant: a [`Catalog`] is only built from a validated [`Config`], so
+//! rendering object keys of a partition the catalog generated cannot fail.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{Days, Months, NaiveDate};
+
+use crate::config::{Config, DateEnd, SeasonEnd, Step};
+pub use crate::config::{Generator, LimitGroup, RetryPolicy, VarKind};
+use crate::model::{Partition, Priority, Value};
+use crate::template::{Arg, Piece, Placeholder, Template, TemplateError};
+
+/// Placeholder for the task's output directory (argv only; the agent fills it in).
+pub const VAR_OUT: &str = "out";
+/// Placeholder for the task's id.
+pub const VAR_TASK_ID: &str = "task_id";
+/// Placeholder for the attempt number, starting at 1.
+pub const VAR_ATTEMPT: &str = "attempt";
+/// Placeholder for the source's name.
+pub const VAR_SOURCE: &str = "source";
+/// Placeholder for the config file's directory.
+pub const VAR_CONFIG_DIR: &str = "config_dir";
+/// Every built-in placeholder; partition variables may not use these names.
+pub const SPECIAL_VARS: [&str; 5] = [
+    VAR_OUT,
+    VAR_TASK_ID,
+    VAR_ATTEMPT,
+    VAR_SOURCE,
+    VAR_CONFIG_DIR,
+];
+
+/// Every source and scraper of a config, ready to expand and render.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Sources in config order; [`ExpectedPartition::source`] indexes this.
+    pub sources: Vec<Source>,
+    /// Scrapers by name.
+    pub scrapers: BTreeMap<String, Scraper>,
+    /// Limit groups by name.
+    pub limits: BTreeMap<String, LimitGroup>,
+    /// The config file's directory (the default for `{config_dir}`).
+    pub config_dir: PathBuf,
+    by_name: HashMap<String, usize>,
+}
+
+/// One source: partitions × object templates, filled by one scraper.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    /// Unique name.
+    pub name: String,
+    /// The scraper that fills it (a key of [`Catalog::scrapers`]).
+    pub scraper: String,
+    /// How urgent its gaps are.
+    pub priority: Priority,
+    /// Free text for people.
+    pub description: Option<String>,
+    /// An object smaller than this is a `too_small` gap.
+    pub min_bytes: u64,
+    /// Partition generators; their cartesian product in order (none: one empty partition).
+    pub generators: Vec<Generator>,
+    /// Object key templates; each uses every partition variable.
+    pub objects: Vec<Template>,
+}
+
+/// One scraper: how to run a program for one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scraper {
+    /// Its name.
+    pub name: String,
+    /// argv templates.
+    pub command: Vec<Template>,
+    /// Extra environment; values are templates.
+    pub env: BTreeMap<String, Template>,
+    /// Kill the run after this long.
+    pub timeout: Duration,
+    /// How failures are retried.
+    pub retry: RetryPolicy,
+    /// Limit groups every run takes from.
+    pub limits: Vec<String>,
+    /// Labels an agent must have.
+    pub requires: BTreeMap<String, String>,
+}
+
+/// One partition of one source with the object keys it should produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedPartition {
+    /// Index into [`Catalog::sources`].
+    pub source: usize,
+    /// The partition's variables.
+    pub partition: Partition,
+    /// The expected object keys, in the source's template order.
+    pub keys: Vec<String>,
+}
+
+/// One piece of a rendered argv element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgPiece {
+    /// Literal text.
+    Text(String),
+    /// The task's output directory, known only to the agent (`{out}`).
+    OutputDir,
+}
+
+/// What a scraper's templates are rendered with for one task.
+#[derive(Debug, Clone, Copy)]
+pub struct RenderContext<'a> {
+    /// The partition being filled.
+    pub partition: &'a Partition,
+    /// The task's id.
+    pub task_id: i64,
+    /// The attempt number, starting at 1.
+    pub attempt: u32,
+    /// The source's name.
+    pub source: &'a str,
+    /// What `{config_dir}` renders to.
+    pub config_dir: &'a Path,
+}
+
+impl Catalog {
+    /// Builds the catalog of a validated config.
+    pub fn from_config(cfg: &Config) -> Catalog {
+        let sources: Vec<Source> = cfg
+            .sources
+            .iter()
+            .map(|s| Source {
+                name: s.name.clone(),
+                scraper: s.scraper.clone(),
+                priority: s.priority,
+                description: s.description.clone(),
+                min_bytes: s.min_bytes,
+                generators: s.partitions.0.clone(),
+                objects: s.objects.clone(),
+            })
+            .collect();
+        let scrapers = cfg
+            .scrapers
+            .iter()
+            .map(|(name, s)| {
+                let scraper = Scraper {
+                    name: name.clone(),
+                    command: s.command.clone(),
+                    env: s.env.clone(),
+                    timeout: s.timeout,
+                    retry: s.retry.clone(),
+                    limits: s.limits.clone(),
+                    requires: s.requires.clone(),
+                };
+                (name.clone(), scraper)
+            })
+            .collect();
+        let by_name = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        Catalog {
+            sources,
+            scrapers,
+            limits: cfg.limits.clone(),
+            config_dir: cfg.config_dir.clone(),
+            by_name,
+        }
+    }
+
+    /// Every expected partition of every source, in catalog order, as of `today`.
+    pub fn expand(&self, today: NaiveDate) -> Vec<ExpectedPartition> {
+        let mut out = Vec::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            for partition in source.partitions(today) {
+                match source.keys(&partition) {
+                    Ok(keys) => out.push(ExpectedPartition {
+                        source: i,
+                        partition,
+                        keys,
+                    }),
+                    // Validation guarantees every generated partition renders.
+                    Err(e) => {
+                        debug_assert!(false, "source {} cannot render: {e}", source.name);
+                        tracing::error!(source = %source.name, error = %e, "skipping a partition whose keys do not render");
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The source named `name`.
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        self.source_index(name).map(|i| &self.sources[i])
+    }
+
+    /// The index of the source named `name` in [`Catalog::sources`].
+    pub fn source_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The scraper that fills `source`.
+    pub fn scraper_for(&self, source: &Source) -> Option<&Scraper> {
+        self.scrapers.get(&source.scraper)
+    }
+
+    /// The literal prefixes of all object templates, sorted, without any prefix that
+    /// lies under another listed one: listing these covers every expected key.
+    pub fn prefixes(&self) -> Vec<String> {
+        let mut all: Vec<&str> = self
+            .sources
+            .iter()
+            .flat_map(|s| s.objects.iter().map(Template::literal_prefix))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        let mut out: Vec<String> = Vec::new();
+        for p in all {
+            if out.last().is_some_and(|kept| p.starts_with(kept.as_str())) {
+                continue;
+            }
+            out.push(p.to_owned());
+        }
+        out
+    }
+}
+
+impl Source {
+    /// The partition variables and their kinds, in declaration order.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, VarKind)> {
+        self.generators.iter().map(|g| (g.var(), g.kind()))
+    }
+
+    /// The source's partitions as of `today`: the cartesian product of its generators
+    /// (the first varies slowest).
+    pub fn partitions(&self, today: NaiveDate) -> Vec<Partition> {
+        let mut out = vec![Partition::default()];
+        for g in &self.generators {
+            let values = g.values(today);
+            let mut next = Vec::with_capacity(out.len().saturating_mul(values.len()));
+            for p in &out {
+                for v in &values {
+                    let mut vars = p.vars.clone();
+                    vars.push((g.var().to_owned(), v.clone()));
+                    next.push(Partition { vars });
+                }
+            }
+            out = next;
+        }
+        out
+    }
+
+    /// The object keys of `partition`, in template order.
+    pub fn keys(&self, partition: &Partition) -> Result<Vec<String>, TemplateError> {
+        self.objects
+            .iter()
+            .map(|t| t.render_partition(partition))
+            .collect()
+    }
+
+    /// The partition with these textual variable values (as on the wire or in the
+    /// store), typed by the source's generators; `None` unless the names are exactly
+    /// the source's variables and each value parses.
+    pub fn partition_from_strings<'a>(
+        &self,
+        vars: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Option<Partition> {
+        let given: Vec<(&str, &str)> = vars.into_iter().collect();
+        if given.len() != self.generators.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(given.len());
+        for g in &self.generators {
+            let (_, text) = given.iter().find(|(n, _)| *n == g.var())?;
+            let value = match g.kind() {
+                VarKind::Date => Value::Date(crate::template::parse_iso_date(text)?),
+                VarKind::Text => Value::Str((*text).to_owned()),
+            };
+            out.push((g.var().to_owned(), value));
+        }
+        Some(Partition { vars: out })
+    }
+
+    /// The inverse of [`Partition::key`] for this source's partitions.
+    pub fn parse_partition_key(&self, key: &str) -> Option<Partition> {
+        if key.is_empty() {
+            return self.partition_from_strings([]);
+        }
+        let pairs: Option<Vec<(&str, &str)>> =
+            key.split(',').map(|kv| kv.split_once('=')).collect();
+        self.partition_from_strings(pairs?)
+    }
+}
+
+impl Generator {
+    /// The generator's values as of `today`, in order.
+    pub fn values(&self, today: NaiveDate) -> Vec<Value> {
+        match self {
+            Generator::Dates(g) => {
+                let end = match g.end {
+                    DateEnd::Date(d) => d,
+                    DateEnd::Today => today,
+                };
+                date_range(g.start, end, g.step)
+                    .into_iter()
+                    .map(Value::Date)
+                    .collect()
+            }
+            Generator::Seasons(g) => {
+                let end = match g.end {
+                    SeasonEnd::Season(s) => s,
+                    SeasonEnd::Current => {
+                        crate::config::Season::containing(today, g.start_month, g.start.format)
+                    }
+                };
+                let mut out = Vec::new();
+                let mut cur = Some(g.start);
+                while let Some(s) = cur.filter(|s| s.year <= end.year) {
+                    out.push(Value::Str(s.label()));
+                    cur = s.next();
+                }
+                out
+            }
+            Generator::Values(g) => g
+                .values
+                .iter()
+                .map(|v| Value::Str(v.as_str().to_owned()))
+                .collect(),
+        }
+    }
+}
+
+/// Dates from `start` to `end` inclusive by `step`; month steps add whole months to
+/// `start`, so the day of month is kept where it exists and clamped where it does not.
+fn date_range(start: NaiveDate, end: NaiveDate, step: Step) -> Vec<NaiveDate> {
+    let mut out = Vec::new();
+    let mut n: u32 = 0;
+    loop {
+        let next = match step {
+            Step::Day => start.checked_add_days(Days::new(u64::from(n))),
+            Step::Week => start.checked_add_days(Days::new(7 * u64::from(n))),
+            Step::Month => start.checked_add_months(Months::new(n)),
+        };
+        match next {
+            Some(d) if d <= end => out.push(d),
+            _ => break,
+        }
+        match n.checked_add(1) {
+            Some(m) => n = m,
+            None => break,
+        }
+    }
+    out
+}
+
+impl Scraper {
+    /// The argv for one run: `{out}` becomes [`ArgPiece::OutputDir`] (also inside a
+    /// larger argument: `--out={out}` is `[Text("--out="), OutputDir]`); `{task_id}`,
+    /// `{attempt}`, `{source}`, `{config_dir}` and the partition variables become text.
+    ///
+    /// Validation makes every placeholder renderable for partitions of the sources that
+    /// use this scraper; should one still fail (a partition from elsewhere), it is kept
+    /// as written (`{name}`) and logged. [`Scraper::try_render_argv`] reports it instead.
+    pub fn render_argv(&self, ctx: &RenderContext<'_>) -> Vec<Vec<ArgPiece>> {
+        self.command
+            .iter()
+            .map(|t| {
+                render_arg(t, ctx, &mut |p, e| {
+                    tracing::warn!(scraper = %self.name, placeholder = p.name(), error = %e, "argv placeholder left unrendered");
+                    Ok(())
+                })
+                .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// Like [`Scraper::render_argv`], but fails on the first placeholder that cannot render.
+    pub fn try_render_argv(
+        &self,
+        ctx: &RenderContext<'_>,
+    ) -> Result<Vec<Vec<ArgPiece>>, TemplateError> {
+        self.command
+            .iter()
+            .map(|t| render_arg(t, ctx, &mut |_, e| Err(e)))
+            .collect()
+    }
+
+    /// The scraper's `env`, rendered for one run (the `ADCE_*` task variables are not
+    /// included). A placeholder that cannot render is kept as written and logged, as in
+    /// [`Scraper::render_argv`].
+    pub fn render_env(&self, ctx: &RenderContext<'_>) -> BTreeMap<String, String> {
+        let specials = Specials::of(ctx);
+        let lookup = |name: &str| specials.lookup(ctx, name);
+        self.env
+            .iter()
+            .map(|(key, t)| {
+                let value = t.render(&lookup).unwrap_or_else(|e| {
+                    tracing::warn!(scraper = %self.name, env = %key, error = %e, "env placeholder left unrendered");
+                    render_lenient(t, &lookup)
+                });
+                (key.clone(), value)
+            })
+            .collect()
+    }
+
+    /// Like [`Scraper::render_env`], but fails on the first placeholder that cannot render.
+    pub fn try_render_env(
+        &self,
+        ctx: &RenderContext<'_>,
+    ) -> Result<BTreeMap<String, String>, TemplateError> {
+        let specials = Specials::of(ctx);
+        let lookup = |name: &str| specials.lookup(ctx, name);
+        self.env
+            .iter()
+            .map(|(key, t)| Ok((key.clone(), t.render(&lookup)?)))
+            .collect()
+    }
+}
+
+/// Renders `t` with placeholders that fail kept as written.
+fn render_lenient<'v>(t: &Template, lookup: &dyn Fn(&str) -> Option<Arg<'v>>) -> String {
+    let mut out = String::new();
+    for piece in t.pieces() {
+        match piece {
+            Piece::Text(s) => out.push_str(s),
+            Piece::Var(p) => {
+                let mark = out.len();
+                let ok = lookup(p.name()).is_some_and(|arg| p.render_into(arg, &mut out).is_ok());
+                if !ok {
+                    out.truncate(mark);
+                    push_placeholder(&mut out, p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes a placeholder as it was written in its template.
+fn push_placeholder(out: &mut String, p: &Placeholder) {
+    out.push('{');
+    out.push_str(p.name());
+    if let Some(f) = p.format() {
+        out.push(':');
+        out.push_str(f);
+    }
+    out.push('}');
+}
+
+/// Renders one argv element; `on_error` decides what a failing placeholder does
+/// (`Ok`: keep it as written, `Err`: stop).
+fn render_arg(
+    t: &Template,
+    ctx: &RenderContext<'_>,
+    on_error: &mut dyn FnMut(&Placeholder, TemplateError) -> Result<(), TemplateError>,
+) -> Result<Vec<ArgPiece>, TemplateError> {
+    let specials = Specials::of(ctx);
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    for piece in t.pieces() {
+        match piece {
+            Piece::Text(s) => text.push_str(s),
+            Piece::Var(p) if p.name() == VAR_OUT => {
+                if !text.is_empty() {
+                    pieces.push(ArgPiece::Text(std::mem::take(&mut text)));
+                }
+                pieces.push(ArgPiece::OutputDir);
+            }
+            Piece::Var(p) => {
+                let mark = text.len();
+                let result = match specials.lookup(ctx, p.name()) {
+                    Some(arg) => p.render_into(arg, &mut text),
+                    None => Err(TemplateError::MissingVar {
+                        name: p.name().to_owned(),
+                    }),
+                };
+                if let Err(e) = result {
+                    text.truncate(mark);
+                    on_error(p, e)?;
+                    push_placeholder(&mut text, p);
+                }
+            }
+        }
+    }
+    if !text.is_empty() || pieces.is_empty() {
+        pieces.push(ArgPiece::Text(text));
+    }
+    Ok(pieces)
+}
+
+/// The built-in placeholders' texts for one task.
+struct Specials {
+    task_id: String,
+    attempt: String,
+    config_dir: String,
+}
+
+impl Specials {
+    fn of(ctx: &RenderContext<'_>) -> Self {
+        Specials {
+            task_id: ctx.task_id.to_string(),
+            attempt: ctx.attempt.to_string(),
+            config_dir: ctx.config_dir.to_string_lossy().into_owned(),
+        }
+    }
+
+    fn lookup<'v>(&'v self, ctx: &RenderContext<'v>, name: &str) -> Option<Arg<'v>> {
+        match name {
+            VAR_TASK_ID => Some(Arg::Text(&self.task_id)),
+            VAR_ATTEMPT => Some(Arg::Text(&self.attempt)),
+            VAR_SOURCE => Some(Arg::Text(ctx.source)),
+            VAR_CONFIG_DIR => Some(Arg::Text(&self.config_dir)),
+            _ => ctx.partition.get(name).map(Arg::from),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    use super::*;
+
+    const DEMO: &str = include_str!("../../config/demo.yaml");
+
+    /// The longest a demo scraper may take in a test before it is killed.
+    const SCRAPER_DEADLINE: Duration = Duration::from_secs(10);
+    /// How often a test polls a running scraper.
+    const POLL: Duration = Duration::from_millis(5);
+
+    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+
+    fn catalog(src: &str) -> Catalog {
+        let cfg = Config::parse(src, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        Catalog::from_config(&cfg)
+    }
+
+    /// A config with one scraper `s` and the given sources (YAML list items).
+    fn with_sources(sources: &str) -> Catalog {
+        catalog(&format!(
+            "version: 1\nlake: {{local: {{root: l}}}}\nscrapers:\n  s:\n    command: [x]\nsources:\n{sources}"
+        ))
+    }
+
+    fn dates(c: &Catalog, today: NaiveDate) -> Vec<String> {
+        c.sources[0]
+            .partitions(today)
+            .iter()
+            .map(|p| p.get("date").unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn daily_dates_are_inclusive_at_both_ends() {
+        let c = with_sources(
+            "  - {name: a, scraper: s, partitions: {dates: {start: 2024-02-27, end: 2024-03-01}}, objects: [\"a/{date}\"]}\n",
+        );
+        assert_eq!(
+            dates(&c, d(2030, 1, 1)),
+            ["2024-02-27", "2024-02-28", "2024-02-29", "2024-03-01"]
+        );
+        let one = with_sources(
+            "  - {name: a, scraper: s, partitions: {dates: {start: 2024-02-27, end: 2024-02-27}}, objects: [\"a/{date}\"]}\n",
+        );
+        assert_eq!(dates(&one, d(2030, 1, 1)), ["2024-02-27"]);
+    }
+
+    #[test]
+    fn today_ends_the_range_and_a_future_start_expands_to_nothing() {
+        let c = with_sources(
+            "  - {name: a, scraper: s, partitions: {dates: {start: 2024-10-22, end: today}}, objects: [\"a/{date}\"]}\n",
+        );
+        assert_eq!(
+            dates(&c, d(2024, 10, 24)),
+            ["2024-10-22", "2024-10-23", "2024-10-24"]
+        );
+        assert!(dates(&c, d(2024, 10, 21)).is_empty());
+    }
+
+    #[test]
+    fn weekly_steps_stop_at_or_before_the_end() {
+        let c = with_sources(
+            "  - {name: a, scraper: s, partitions: {dates: {start: 2024-10-22, end: 2024-11-12, step: week}}, objects: [\"a/{date}\"]}\n",
+        );
+        assert_eq!(
+            dates(&c, d(2030, 1, 1)),
+            ["2024-10-22", "2024-10-29", "2024-11-05", "2024-11-12"]
+        );
+        let c = with_sources(
+            "  - {name: a, scraper: s, partitions: {dates: {start: 2024-10-22, end: 2024-11-11, step: week}}, objects: [\"a/{date}\"]}\n",
+        );
+        assert_eq!(dates(&c, d(2030, 1, 1)).len(), 3);
+    }
+
+    #[test]
+    fn monthly_steps_keep_the_day_of_month_clamped() {
+        let c = with_sources(
+            "  - {name: a, scraper: s, partitions: {dates: {start: 2024-01-31, end: 2024-06-30, step: month}}, objects: [\"a/{date}\"]}\n",
+        );
+        assert_eq!(
+            dates(&c, d(2030, 1, 1)),
+            [
+                "2024-01-31",
+                "2024-02-29",
+                "2024-03-31",
+                "2024-04-30",
+                "2024-05-31",
+                "2024-06-30"
+            ]
+        );
+        let c = with_sources(
+            "  - {name: a, scraper: s, partitions: {dates: {start: 2023-01-31, end: 2023-03-30, step: month}}, objects: [\"a/{date}\"]}\n",
+        );
+        assert_eq!(dates(&c, d(2030, 1, 1)), ["2023-01-31", "2023-02-28"]);
+    }
+
+    #[test]
+    fn seasons_expand_in_their_format_up_to_the_current_one() {
+        let c = with_sources(
+            "  - {name: a, scraper: s, partitions: {seasons: {start: \"1998-99\", end: \"2001-02\"}}, objects: [\"a/{season}\"]}\n  - {name: b, scraper: s, partitions: {seasons: {start: \"2022\", end: current}}, objects: [\"b/{season}\"]}\n  - {name: c, scraper: s, partitions: {seasons: {var: yr, start: \"2023\", end: current, start_month: 1}}, objects: [\"c/{yr}\"]}\n  - {name: e, scraper: s, partitions: {seasons: {start: \"2023-24\", end: current}}, objects: [\"e/{season}\"]}\n",
+        );
+        let labels = |i: usize, today: NaiveDate| -> Vec<String> {
+            c.sources[i]
+                .partitions(today)
+                .iter()
+                .map(|p| p.vars[0].1.to_string())
+                .collect()
+        };
+        assert_eq!(
+            labels(0, d(2024, 1, 1)),
+            ["1998-99", "1999-00", "2000-01", "2001-02"]
+        );
+        // Seasons start in October by default: on 2024-11-01 the current season is 2024-25, i.e. "2025".
+        assert_eq!(labels(1, d(2024, 11, 1)), ["2022", "2023", "2024", "2025"]);
+        assert_eq!(labels(1, d(2024, 9, 30)), ["2022", "2023", "2024"]);
+        assert_eq!(labels(2, d(2024, 11, 1)), ["2023", "2024"]);
+        assert_eq!(labels(3, d(2024, 9, 30)), ["2023-24"]);
+        assert_eq!(labels(3, d(2023, 9, 30)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn products_vary_the_first_generator_slowest() {
+        let c = with_sources(
+            "  - name: a\n    scraper: s\n    partitions:\n      - dates: {start: 2024-01-01, end: 2024-01-02}\n      - values: {var: team, values: [BOS, NYK, LAL]}\n    objects: [\"a/{date:%Y%m%d}/{team}.json\"]\n",
+        );
+        let keys: Vec<String> = c
+            .expand(d(2030, 1, 1))
+            .into_iter()
+            .flat_map(|e| e.keys)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "a/20240101/BOS.json",
+                "a/20240101/NYK.json",
+                "a/20240101/LAL.json",
+                "a/20240102/BOS.json",
+                "a/20240102/NYK.json",
+                "a/20240102/LAL.json"
+            ]
+        );
+        let p = &c.expand(d(2030, 1, 1))[4].partition;
+        assert_eq!(p.key(), "date=2024-01-02,team=NYK");
+    }
+
+    #[test]
+    fn a_source_without_partitions_expects_its_objects_once() {
+        let c =
+            with_sources("  - {name: a, scraper: s, objects: [ref/teams.json, ref/arenas.json]}\n");
+        let e = c.expand(d(2030, 1, 1));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].partition, Partition::default());
+        assert_eq!(e[0].keys, ["ref/teams.json", "ref/arenas.json"]);
+        assert_eq!(
+            c.sources[0].parse_partition_key(""),
+            Some(Partition::default())
+        );
+    }
+
+    #[test]
+    fn demo_expands_to_the_intended_objects() {
+        let c = catalog(DEMO);
+        let expanded = c.expand(d(2030, 1, 1));
+        assert_eq!(
+            expanded,
+            c.expand(d(2024, 1, 1)),
+            "the demo does not depend on today"
+        );
+        let mut per_source = vec![0usize; c.sources.len()];
+        for e in &expanded {
+            per_source[e.source] += e.keys.len();
+        }
+        let counts: Vec<(&str, usize)> = c
+            .sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .zip(per_source)
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("espn_schedule", 102),
+                ("nba_standings", 15),
+                ("nba_boxscore", 120),
+                ("nba_pbp", 120),
+                ("bbref_seasons", 20),
+                ("bbref_rosters", 24)
+            ]
+        );
+        let total: usize = expanded.iter().map(|e| e.keys.len()).sum();
+        assert_eq!(total, 401);
+        let mut keys: Vec<&str> = expanded
+            .iter()
+            .flat_map(|e| e.keys.iter().map(String::as_str))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), 401, "every expected key is unique");
+        assert!(keys.contains(&"espn/schedule/20241022.json"));
+        assert!(keys.contains(&"espn/schedule/20250131.json"));
+        assert!(keys.contains(&"bbref/seasons/2024-25/advanced.csv"));
+        assert!(keys.contains(&"bbref/rosters/2022-23/OKC.csv"));
+        assert_eq!(
+            c.prefixes(),
+            [
+                "bbref/rosters/",
+                "bbref/seasons/",
+                "espn/schedule/",
+                "nba/boxscore/",
+                "nba/pbp/",
+                "nba/standings/"
+            ]
+        );
+    }
+
+    #[test]
+    fn prefixes_drop_those_under_another_listed_prefix() {
+        let c = with_sources(
+            "  - {name: a, scraper: s, objects: [a/x.json]}\n  - {name: b, scraper: s, partitions: {values: {var: v, values: [1]}}, objects: [\"a/{v}/y\", \"ab/{v}\", \"b/c/{v}\", \"b/{v}\"]}\n",
+        );
+        assert_eq!(c.prefixes(), ["a/", "ab/", "b/"]);
+        let all = with_sources(
+            "  - {name: a, scraper: s, partitions: {values: {var: v, values: [1]}}, objects: [\"{v}/x\", \"b/{v}\"]}\n",
+        );
+        assert_eq!(
+            all.prefixes(),
+            [""],
+            "a template starting with a placeholder needs the whole lake"
+        );
+    }
+
+    #[test]
+    fn sources_are_found_by_name() {
+        let c = catalog(DEMO);
+        assert_eq!(c.source_index("nba_pbp"), Some(3));
+        assert_eq!(c.source("nba_pbp").map(|s| s.priority), Some(Priority::Low));
+        assert!(c.source("nope").is_none());
+        let s = c.source("espn_schedule").unwrap();
+        assert_eq!(
+            c.scraper_for(s).map(|x| x.name.as_str()),
+            Some("espn_schedule")
+        );
+    }
+
+    #[test]
+    fn partitions_parse_back_from_their_key_and_wire_strings() {
+        let c = catalog(DEMO);
+        for e in c.expand(d(2030, 1, 1)) {
+            let s = &c.sources[e.source];
+            assert_eq!(
+                s.parse_partition_key(&e.partition.key()).as_ref(),
+                Some(&e.partition)
+            );
+        }
+        let s = c.source("espn_schedule").unwrap();
+        assert_eq!(s.parse_partition_key("date=2024-13-01"), None);
+        assert_eq!(s.parse_partition_key("day=2024-10-22"), None);
+        assert_eq!(
+            s.partition_from_strings([("date", "2024-10-22"), ("x", "y")]),
+            None
+        );
+    }
+
+    fn ctx<'a>(p: &'a Partition, source: &'a str) -> RenderContext<'a> {
+        RenderContext {
+            partition: p,
+            task_id: 42,
+            attempt: 2,
+            source,
+            config_dir: Path::new("/data dir"),
+        }
+    }
+
+    #[test]
+    fn argv_marks_the_output_dir_and_renders_everything_else() {
+        let c = catalog(
+            "version: 1\nlake: {local: {root: l}}\nscrapers:\n  s:\n    command: [\"{config_dir}/run.sh\", \"--out={out}\", \"{out}\", \"{out}/{date:%Y}/x\", \"{task_id}-{attempt}-{source}\", \"{date}\", \"{{out}}\", \"\"]\n    env: {A: \"{source}:{date:%d.%m.%Y}\", B: plain}\nsources:\n  - {name: a, scraper: s, partitions: {dates: {start: 2024-10-22, end: 2024-10-22}}, objects: [\"a/{date}\"]}\n",
+        );
+        let p = &c.sources[0].partitions(d(2030, 1, 1))[0];
+        let s = &c.scrapers["s"];
+        let argv = s.render_argv(&ctx(p, "a"));
+        let t = |s: &str| ArgPiece::Text(s.to_owned());
+        assert_eq!(
+            argv,
+            vec![
+                vec![t("/data dir/run.sh")],
+                vec![t("--out="), ArgPiece::OutputDir],
+                vec![ArgPiece::OutputDir],
+                vec![ArgPiece::OutputDir, t("/2024/x")],
+                vec![t("42-2-a")],
+                vec![t("2024-10-22")],
+                vec![t("{out}")],
+                vec![t("")],
+            ]
+        );
+        assert_eq!(s.try_render_argv(&ctx(p, "a")).unwrap(), argv);
+        let env = s.render_env(&ctx(p, "a"));
+        assert_eq!(env.len(), 2);
+        assert_eq!(env["A"], "a:22.10.2024");
+        assert_eq!(env["B"], "plain");
+    }
+
+    #[test]
+    fn a_foreign_partition_leaves_placeholders_as_written() {
+        let c = catalog(
+            "version: 1\nlake: {local: {root: l}}\nscrapers:\n  s:\n    command: [x, \"--d={date:%Y}\", \"{out}\"]\n    env: {D: \"{date:%Y}\"}\nsources:\n  - {name: a, scraper: s, partitions: {dates: {start: 2024-10-22, end: 2024-10-22}}, objects: [\"a/{date}\"]}\n",
+        );
+        let s = &c.scrapers["s"];
+        let foreign = Partition {
+            vars: vec![("game_id".into(), Value::Str("1".into()))],
+        };
+        let argv = s.render_argv(&ctx(&foreign, "a"));
+        assert_eq!(argv[1], vec![ArgPiece::Text("--d={date:%Y}".into())]);
+        assert_eq!(argv[2], vec![ArgPiece::OutputDir]);
+        assert_eq!(
+            s.try_render_argv(&ctx(&foreign, "a")).unwrap_err(),
+            TemplateError::MissingVar {
+                name: "date".into()
+            }
+        );
+        assert_eq!(s.render_env(&ctx(&foreign, "a"))["D"], "{date:%Y}");
+        assert!(s.try_render_env(&ctx(&foreign, "a")).is_err());
+        // A date stored as text still formats.
+        let textual = Partition {
+            vars: vec![("date".into(), Value::Str("2024-10-22".into()))],
+        };
+        assert_eq!(
+            s.render_argv(&ctx(&textual, "a"))[1],
+            vec![ArgPiece::Text("--d=2024".into())]
+        );
+    }
+
+    /// Runs `argv` with `out` as the output directory; returns (exit code, stdout).
+    fn run(
+        argv: &[Vec<ArgPiece>],
+        env: &BTreeMap<String, String>,
+        out: &Path,
+    ) -> (Option<i32>, String) {
+        let args: Vec<String> = argv
+            .iter()
+            .map(|pieces| {
+                pieces
+                    .iter()
+                    .map(|p| match p {
+                        ArgPiece::Text(t) => t.clone(),
+                        ArgPiece::OutputDir => out.display().to_string(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut child = Command::new(&args[0])
+            .args(&args[1..])
+            .envs(env)
+            .env("ADCE_OUTPUT_DIR", out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > SCRAPER_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} did not finish within {SCRAPER_DEADLINE:?}");
+            }
+            std::thread::sleep(POLL);
+        };
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.is_empty(), "{args:?} wrote to stderr: {stderr}");
+        (
+            status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    fn files_under(dir: &Path) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let entry = entry.unwrap();
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    let key = path
+                        .strip_prefix(dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
+                    out.push((key, entry.metadata().unwrap().len()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn demo_scrapers_write_exactly_their_expected_objects() {
+        let c = catalog(DEMO);
+        let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let expanded = c.expand(d(2030, 1, 1));
+        for (i, source) in c.sources.iter().enumerate() {
+            let mine: Vec<&ExpectedPartition> = expanded.iter().filter(|e| e.source == i).collect();
+            let scraper = c.scraper_for(source).unwrap();
+            for e in [mine[0], mine[mine.len() - 1]] {
+                let out = tempfile::tempdir().unwrap();
+                let ctx = RenderContext {
+                    partition: &e.partition,
+                    task_id: 7,
+                    attempt: 1,
+                    source: &source.name,
+                    config_dir: &config_dir,
+                };
+                let argv = scraper.try_render_argv(&ctx).unwrap();
+                let env = scraper.try_render_env(&ctx).unwrap();
+                let (code, stdout) = run(&argv, &env, out.path());
+                assert_eq!(code, Some(0), "{}: {stdout}", source.name);
+                assert!(
+                    stdout.contains("::progress:: 0.5 halfway"),
+                    "{}: {stdout}",
+                    source.name
+                );
+                let files = files_under(out.path());
+                let names: Vec<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
+                let mut expected: Vec<&str> = e.keys.iter().map(String::as_str).collect();
+                expected.sort_unstable();
+                assert_eq!(names, expected, "{} {}", source.name, e.partition.key());
+                for (key, size) in &files {
+                    assert!(*size >= source.min_bytes, "{key} has {size} bytes");
+                }
+            }
+        }
+    }
+}

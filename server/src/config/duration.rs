@@ -1,0 +1,51 @@
+//! Durations in config as humantime strings (`500ms`, `30s`, `5m`, `1h`, `1d`), with
+//! humantime's own explanation in errors (humantime-serde only says "expected a duration").
+
+use std::time::Duration;
+
+use serde::{Deserializer, Serializer};
+
+use super::scalars::{excerpt, from_text};
+
+struct Parsed(Duration);
+
+impl std::str::FromStr for Parsed {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(Parsed)
+            .map_err(|e| {
+                format!(
+                    "invalid duration `{}`: {e} (e.g. 500ms, 30s, 5m, 1h, 1d)",
+                    excerpt(s)
+                )
+            })
+    }
+}
+
+/// Serializes a duration as a humantime string (`1h 30m`).
+pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+/// Deserializes a humantime string.
+pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    from_text::<D, Parsed>(d, "a duration like 30s, 5m or 1h").map(|p| p.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_explains() {
+        let p: Parsed = "1h 30m".parse().unwrap();
+        assert_eq!(p.0, Duration::from_secs(5400));
+        let err = "30 parsecs".parse::<Parsed>().err().unwrap();
+        assert!(
+            err.starts_with("invalid duration `30 parsecs`: unknown time unit"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,469 @@
+//! The server's configuration file: its types with their defaults, loading with
+//! `FILE:LINE:COLUMN: message` errors, cross-reference validation, and dumping the
+//! effective config back to YAML. All YAML parsing of the server lives in this module.
+//!
+//! Loading runs in three steps: serde_yaml deserializes the document (scalar-level
+//! checks such as dates, durations, rates and templates run inside `Deserialize`
+//! impls, so errors carry the scalar's position); a position index of the document
+//! is built; then [`validate`] checks everything that spans several values (scraper
+//! references, template variables, duplicates) and points at the offending value
+//! through the index.
+
+mod duration;
+mod partitions;
+mod position;
+mod scalars;
+mod validate;
+mod yaml;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use partitions::{
+    DEFAULT_SEASON_START_MONTH, DateEnd, DatesGenerator, Generator, Partitions, Season, SeasonEnd,
+    SeasonFormat, SeasonsGenerator, Step, ValuesGenerator, VarKind,
+};
+pub use position::{Position, PositionIndex, Segment, YamlPath};
+pub use scalars::{ByteSize, CURRENT_VERSION, MAX_VALUE_LEN, PartitionValue, Rate, RatePeriod};
+
+use crate::model::Priority;
+use crate::template::Template;
+
+/// The address the server listens on by default.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7070);
+/// The state directory by default, relative to the config file's directory.
+pub const DEFAULT_STATE_DIR: &str = "./adce-state";
+/// How often agents heartbeat by default.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a lease lives without a heartbeat by default.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// The largest accepted upload by default (5 GiB).
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+/// How often the loop reconciles by default.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How often the loop looks at the ready queue by default.
+pub const DEFAULT_QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Ready tasks needed to start a dispatch cycle by default.
+pub const DEFAULT_DISPATCH_THRESHOLD: u64 = 1;
+/// The longest a dispatch cycle runs before reconciling again, by default.
+pub const DEFAULT_MAX_CYCLE_RUNTIME: Duration = Duration::from_secs(6 * 3600);
+/// A scraper run's timeout by default.
+pub const DEFAULT_SCRAPER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Attempts before a task is dead, by default.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The delay before the first retry by default.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(30);
+/// The factor between consecutive retry delays by default.
+pub const DEFAULT_BACKOFF_MULTIPLIER: f64 = 2.0;
+/// The longest retry delay by default.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// The relative random spread of retry delays by default.
+pub const DEFAULT_JITTER: f64 = 0.1;
+/// The smallest acceptable object by default: an empty object is a gap.
+pub const DEFAULT_MIN_BYTES: u64 = 1;
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", file.display())]
+    Read {
+        /// The file as named by the caller.
+        file: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid config.
+    #[error("{}", Located { file, position: *position, message })]
+    Invalid {
+        /// The file as named by the caller.
+        file: PathBuf,
+        /// Where in the file, when known.
+        position: Option<Position>,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+}
+
+/// Formats `FILE:LINE:COLUMN: message`, or `FILE: message` without a position.
+struct Located<'a> {
+    file: &'a Path,
+    position: Option<Position>,
+    message: &'a str,
+}
+
+impl fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some(p) => write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                p.line,
+                p.column,
+                self.message
+            ),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl ConfigError {
+    /// Where in the file the problem is, when known.
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Invalid { position, .. } => *position,
+        }
+    }
+
+    /// The message without file and position.
+    pub fn message(&self) -> String {
+        match self {
+            ConfigError::Read { source, .. } => format!("cannot read: {source}"),
+            ConfigError::Invalid { message, .. } => message.clone(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The format version; must be 1.
+    #[serde(serialize_with = "ser_version", deserialize_with = "de_version")]
+    pub version: u32,
+    /// The gRPC server and its state.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where the data lives.
+    pub lake: LakeConfig,
+    /// The reconcile → dispatch → drain loop.
+    #[serde(default)]
+    pub r#loop: LoopConfig,
+    /// Limit groups by name (rates and concurrency shared by all agents).
+    #[serde(default)]
+    pub limits: BTreeMap<String, LimitGroup>,
+    /// Scraper definitions by name.
+    #[serde(default)]
+    pub scrapers: BTreeMap<String, ScraperConfig>,
+    /// The sources, in catalog order.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// The directory of the config file: relative paths were resolved against it and
+    /// `{config_dir}` renders to it. Not part of the YAML.
+    #[serde(skip)]
+    pub config_dir: PathBuf,
+}
+
+fn ser_version<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u32(*v)
+}
+
+fn de_version<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    scalars::Version::deserialize(d).map(|v| v.0)
+}
+
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ByteSize::deserialize(d).map(|b| b.0)
+}
+
+/// `server:` the gRPC endpoint, state and agent timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The gRPC listen address.
+    pub listen: SocketAddr,
+    /// The state directory (SQLite queue); relative paths resolve against the config file's directory.
+    pub state_dir: PathBuf,
+    /// How often agents heartbeat.
+    #[serde(with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// How long a lease lives without a heartbeat.
+    #[serde(with = "duration")]
+    pub lease_ttl: Duration,
+    /// The largest accepted upload, in bytes (units like `5GiB` accepted).
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_upload_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+        }
+    }
+}
+
+/// `lake:` where objects live; exactly one kind must be given (only `local` exists yet).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeConfig {
+    /// A local directory lake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalLake>,
+}
+
+/// `lake.local:` a directory holding one file per object key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalLake {
+    /// The lake's root directory; relative paths resolve against the config file's directory.
+    pub root: PathBuf,
+}
+
+/// `loop:` the automatic reconcile and dispatch loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopConfig {
+    /// Whether the loop runs at all (reconcile can still be triggered by hand).
+    pub enabled: bool,
+    /// How often to reconcile.
+    #[serde(with = "duration")]
+    pub reconcile_interval: Duration,
+    /// How often to look at the ready queue.
+    #[serde(with = "duration")]
+    pub queue_check_interval: Duration,
+    /// Ready tasks needed to start a dispatch cycle.
+    pub dispatch_threshold: u64,
+    /// The longest a cycle runs before reconciling again.
+    #[serde(with = "duration")]
+    pub max_cycle_runtime: Duration,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            enabled: true,
+            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            queue_check_interval: DEFAULT_QUEUE_CHECK_INTERVAL,
+            dispatch_threshold: DEFAULT_DISPATCH_THRESHOLD,
+            max_cycle_runtime: DEFAULT_MAX_CYCLE_RUNTIME,
+        }
+    }
+}
+
+/// One limit group: a token bucket (`rate`, `burst`) and a concurrency cap, shared by
+/// every agent. All parts are optional; a missing part does not limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitGroup {
+    /// Sustained starts allowed, e.g. `20/min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Starts allowed at once above the rate (needs `rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Runs allowed at the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+}
+
+/// One scraper definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScraperConfig {
+    /// argv templates; run without a shell.
+    pub command: Vec<Template>,
+    /// Extra environment variables; values are templates.
+    #[serde(default)]
+    pub env: BTreeMap<String, Template>,
+    /// Kill the run after this long.
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// How failed runs are retried.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Names of the limit groups every run takes a token and a slot from.
+    #[serde(default)]
+    pub limits: Vec<String>,
+    /// Labels an agent must have to run this scraper.
+    #[serde(default)]
+    pub requires: BTreeMap<String, String>,
+}
+
+fn default_timeout() -> Duration {
+    DEFAULT_SCRAPER_TIMEOUT
+}
+
+/// How failed runs are retried: delays grow from `backoff` by `multiplier` up to
+/// `max_backoff`, spread by ±`jitter`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included, before a task is dead.
+    pub max_attempts: u32,
+    /// The delay after the first failure.
+    #[serde(with = "duration")]
+    pub backoff: Duration,
+    /// The factor between consecutive delays (at least 1).
+    pub multiplier: f64,
+    /// The longest delay.
+    #[serde(with = "duration")]
+    pub max_backoff: Duration,
+    /// The relative random spread (0 to 1) applied to each delay.
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff: DEFAULT_BACKOFF,
+            multiplier: DEFAULT_BACKOFF_MULTIPLIER,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            jitter: DEFAULT_JITTER,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before retrying after failed attempt number `attempt` (1-based).
+    /// `unit` is a random sample in `[0, 1)`; 0.5 gives the delay without jitter.
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let exp = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let cap = self.max_backoff.as_secs_f64();
+        let base = (self.backoff.as_secs_f64() * self.multiplier.max(1.0).powi(exp)).min(cap);
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        let spread = self.jitter.clamp(0.0, 1.0) * (2.0 * unit - 1.0);
+        let secs = (base * (1.0 + spread)).clamp(0.0, cap.max(0.0));
+        Duration::try_from_secs_f64(secs).unwrap_or(self.max_backoff)
+    }
+
+    /// Whether a task that has failed `attempts` times may run again.
+    pub fn allows_another(&self, attempts: u32) -> bool {
+        attempts < self.max_attempts
+    }
+}
+
+/// One source: its partitions, object key templates and the scraper that fills it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Unique name, `[A-Za-z0-9_.-]{1,64}`.
+    #[serde(deserialize_with = "validate::de_name")]
+    pub name: String,
+    /// The scraper that fills it.
+    pub scraper: String,
+    /// How urgent its gaps are.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Free text for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// An object smaller than this is a `too_small` gap.
+    #[serde(default = "default_min_bytes", deserialize_with = "de_bytes")]
+    pub min_bytes: u64,
+    /// The partition generators; none means a single partition without variables.
+    #[serde(default, skip_serializing_if = "Partitions::is_empty")]
+    pub partitions: Partitions,
+    /// Object key templates, one object per template and partition.
+    pub objects: Vec<Template>,
+}
+
+fn default_min_bytes() -> u64 {
+    DEFAULT_MIN_BYTES
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`. Relative paths inside resolve
+    /// against the file's directory (made absolute).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        let dir = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+            .unwrap_or_else(|| dir_of(path));
+        Config::parse_in(&src, path, &dir)
+    }
+
+    /// Parses and validates `src`. `origin` names the file in messages, and relative
+    /// paths resolve against its directory (left relative if `origin` is).
+    pub fn parse(src: &str, origin: &Path) -> Result<Config, ConfigError> {
+        Config::parse_in(src, origin, &dir_of(origin))
+    }
+
+    fn parse_in(src: &str, origin: &Path, dir: &Path) -> Result<Config, ConfigError> {
+        let invalid = |position, message| ConfigError::Invalid {
+            file: origin.to_owned(),
+            position,
+            message,
+        };
+        if src.trim().is_empty() {
+            return Err(invalid(
+                None,
+                "empty config: expected a mapping starting with `version: 1`".into(),
+            ));
+        }
+        let mut cfg: Config = yaml::from_str(src).map_err(|e| invalid(e.position, e.message))?;
+        let index = PositionIndex::build(src);
+        validate::check(&cfg, &index).map_err(|e| invalid(e.position, e.message))?;
+        cfg.config_dir = dir.to_owned();
+        cfg.server.state_dir = resolve(dir, &cfg.server.state_dir);
+        if let Some(local) = &mut cfg.lake.local {
+            local.root = resolve(dir, &local.root);
+        }
+        Ok(cfg)
+    }
+
+    /// The effective config (defaults filled, paths resolved) as YAML; parsing it with
+    /// the same origin gives an equal config.
+    pub fn dump(&self) -> String {
+        match yaml::to_string(self) {
+            Ok(s) => s,
+            // Only non-UTF-8 paths can fail here; say so in a YAML comment.
+            Err(e) => format!("# cannot dump the config: {e}\n"),
+        }
+    }
+
+    /// The source named `name`.
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+/// The directory of `file`, `.` when it has none.
+fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `p` made relative to `dir` when relative, without `.` components.
+fn resolve(dir: &Path, p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        dir.join(p)
+    };
+    let clean: PathBuf = joined
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect();
+    if clean.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests;

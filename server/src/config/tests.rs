@@ -1,0 +1,728 @@
+//! Tests of config loading: defaults, every error with its exact `file:line:column`,
+//! the shipped demo and example configs, and the dump round trip.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const DEMO: &str = include_str!("../../../config/demo.yaml");
+const EXAMPLE: &str = include_str!("../../../config/example.yaml");
+
+/// A small valid config; tests splice mistakes into it.
+const BASE: &str = "\
+version: 1
+lake:
+  local:
+    root: lake
+scrapers:
+  s:
+    command: [\"sh\", \"{config_dir}/s.sh\", \"{out}\"]
+sources:
+  - name: a
+    scraper: s
+    objects: [\"a/static.json\"]
+";
+
+fn parse(src: &str) -> Result<Config, ConfigError> {
+    Config::parse(src, Path::new("demo.yaml"))
+}
+
+fn err(src: &str) -> String {
+    match parse(src) {
+        Ok(_) => panic!("config unexpectedly valid:\n{src}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The 1-based `line:column` of the first occurrence of `needle` in `src`.
+fn pos_of(src: &str, needle: &str) -> String {
+    pos_of_nth(src, needle, 0)
+}
+
+/// The 1-based `line:column` of the `n`th (0-based) occurrence of `needle`.
+fn pos_of_nth(src: &str, needle: &str, n: usize) -> String {
+    let (at, _) = src
+        .match_indices(needle)
+        .nth(n)
+        .unwrap_or_else(|| panic!("`{needle}` occurs fewer than {} times", n + 1));
+    let before = &src[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("{line}:{col}")
+}
+
+/// Asserts that `src` fails at `needle` (its `nth` occurrence) with every word of `words`.
+#[track_caller]
+fn assert_err_at(src: &str, needle: &str, nth: usize, words: &[&str]) {
+    let msg = err(src);
+    let prefix = format!("demo.yaml:{}: ", pos_of_nth(src, needle, nth));
+    assert!(
+        msg.starts_with(&prefix),
+        "expected prefix `{prefix}`, got: {msg}"
+    );
+    for w in words {
+        assert!(msg.contains(w), "expected `{w}` in: {msg}");
+    }
+}
+
+fn with_source(extra_source_lines: &str) -> String {
+    format!("{BASE}{extra_source_lines}")
+}
+
+#[test]
+fn minimal_config_gets_every_default() {
+    let cfg = parse(BASE).unwrap();
+    assert_eq!(cfg.version, 1);
+    assert_eq!(cfg.server.listen, DEFAULT_LISTEN);
+    assert_eq!(cfg.server.state_dir, PathBuf::from("adce-state"));
+    assert_eq!(cfg.server.heartbeat_interval, Duration::from_secs(5));
+    assert_eq!(cfg.server.lease_ttl, Duration::from_secs(30));
+    assert_eq!(cfg.server.max_upload_bytes, 5_368_709_120);
+    assert_eq!(cfg.lake.local.as_ref().unwrap().root, PathBuf::from("lake"));
+    assert!(cfg.r#loop.enabled);
+    assert_eq!(cfg.r#loop.reconcile_interval, Duration::from_secs(3600));
+    assert_eq!(cfg.r#loop.queue_check_interval, Duration::from_secs(10));
+    assert_eq!(cfg.r#loop.dispatch_threshold, 1);
+    assert_eq!(cfg.r#loop.max_cycle_runtime, Duration::from_secs(6 * 3600));
+    let s = &cfg.scrapers["s"];
+    assert_eq!(s.timeout, Duration::from_secs(3600));
+    assert_eq!(s.retry, RetryPolicy::default());
+    assert_eq!(s.retry.max_attempts, 3);
+    assert_eq!(s.retry.backoff, Duration::from_secs(30));
+    let a = &cfg.sources[0];
+    assert_eq!(a.priority, Priority::Medium);
+    assert_eq!(a.min_bytes, 1);
+    assert!(a.partitions.is_empty());
+    assert_eq!(cfg.config_dir, PathBuf::from("."));
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_directory() {
+    let cfg = Config::parse(BASE, Path::new("/etc/adce/adce.yaml")).unwrap();
+    assert_eq!(cfg.server.state_dir, PathBuf::from("/etc/adce/adce-state"));
+    assert_eq!(
+        cfg.lake.local.unwrap().root,
+        PathBuf::from("/etc/adce/lake")
+    );
+    assert_eq!(cfg.config_dir, PathBuf::from("/etc/adce"));
+    let abs = BASE.replace("root: lake", "root: /srv/lake");
+    let cfg = Config::parse(&abs, Path::new("/etc/adce/adce.yaml")).unwrap();
+    assert_eq!(cfg.lake.local.unwrap().root, PathBuf::from("/srv/lake"));
+}
+
+#[test]
+fn load_reads_a_real_file_and_resolves_against_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adce.yaml");
+    std::fs::write(&path, BASE).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    assert_eq!(cfg.lake.local.unwrap().root, dir.path().join("lake"));
+    assert_eq!(cfg.config_dir, dir.path());
+}
+
+#[test]
+fn unreadable_file_names_the_file_and_the_os_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing.yaml");
+    let e = Config::load(&path).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!("{}: cannot read: ", path.display())),
+        "{msg}"
+    );
+    assert!(msg.contains("No such file"), "{msg}");
+    assert_eq!(e.position(), None);
+}
+
+#[test]
+fn empty_file_is_explained() {
+    assert_eq!(
+        err("  \n"),
+        "demo.yaml: empty config: expected a mapping starting with `version: 1`"
+    );
+}
+
+#[test]
+fn yaml_syntax_error_has_a_position() {
+    let src = "version: 1\nlake:\n  local: {root: lake\nscrapers: {}\n";
+    let msg = err(src);
+    assert!(msg.starts_with("demo.yaml:4:"), "{msg}");
+    assert!(msg.contains("did not find expected"), "{msg}");
+    assert!(
+        !msg.contains("at line 4 column"),
+        "the position is not repeated: {msg}"
+    );
+}
+
+#[test]
+fn version_is_required_and_must_be_one() {
+    let src = BASE.replace("version: 1", "version: 2");
+    assert_err_at(
+        &src,
+        "2",
+        0,
+        &["unsupported config version `2`", "expected 1"],
+    );
+    let src = BASE.replace("version: 1\n", "");
+    let msg = err(&src);
+    assert!(msg.starts_with("demo.yaml:1:1: "), "{msg}");
+    assert!(msg.contains("missing field `version`"), "{msg}");
+}
+
+#[test]
+fn unknown_field_lists_the_expected_ones() {
+    let src = with_source("  - name: b\n    sceduler: s\n    objects: [x]\n");
+    assert_err_at(
+        &src,
+        "sceduler",
+        0,
+        &[
+            "unknown field `sceduler`",
+            "expected one of `name`, `scraper`",
+        ],
+    );
+    let src = BASE.replace("lake:\n", "lake:\n  s3: {bucket: b}\n");
+    assert_err_at(&src, "s3", 0, &["unknown field `s3`", "`local`"]);
+    let src = format!("{BASE}metrics: {{}}\n");
+    assert_err_at(&src, "metrics", 0, &["unknown field `metrics`"]);
+}
+
+#[test]
+fn malformed_dates_name_the_value_and_the_format() {
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-13-40, end: today}\n    objects: [\"b/{date}\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "2024-13-40",
+        0,
+        &["invalid date `2024-13-40`: expected YYYY-MM-DD"],
+    );
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-10-22, end: tomorrow}\n    objects: [\"b/{date}\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "tomorrow",
+        0,
+        &["invalid date `tomorrow`: expected YYYY-MM-DD or `today`"],
+    );
+}
+
+#[test]
+fn invalid_durations_rates_priorities_steps_and_seasons() {
+    let src = BASE.replace(
+        "version: 1\n",
+        "version: 1\nserver:\n  lease_ttl: 30 parsecs\n",
+    );
+    assert_err_at(
+        &src,
+        "30 parsecs",
+        0,
+        &["invalid duration `30 parsecs`", "unknown time unit"],
+    );
+
+    let src = format!("{BASE}limits:\n  g: {{rate: 20/day}}\n");
+    assert_err_at(&src, "20/day", 0, &["invalid rate `20/day`", "N/min"]);
+
+    let src = with_source("  - name: b\n    scraper: s\n    priority: urgent\n    objects: [b]\n");
+    assert_err_at(
+        &src,
+        "urgent",
+        0,
+        &["unknown variant `urgent`", "`critical`", "`low`"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-10-22, end: today, step: fortnight}\n    objects: [\"b/{date}\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "fortnight",
+        0,
+        &["unknown variant `fortnight`", "`week`", "`month`"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      seasons: {start: \"2015-17\", end: current}\n    objects: [\"b/{season}\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "\"2015-17\"",
+        0,
+        &["invalid season `2015-17`", "2015-16"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      seasons: {start: \"2015-16\", end: \"2020\"}\n    objects: [\"b/{season}\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "\"2020\"",
+        0,
+        &["must be written like start `2015-16`"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      seasons: {start: \"2015-16\", end: \"2014-15\"}\n    objects: [\"b/{season}\"]\n",
+    );
+    assert_err_at(&src, "\"2014-15\"", 0, &["precedes start `2015-16`"]);
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      seasons: {start: \"2015\", end: current, start_month: 13}\n    objects: [\"b/{season}\"]\n",
+    );
+    assert_err_at(&src, "13", 0, &["invalid month `13`"]);
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-10-22, end: 2024-10-01}\n    objects: [\"b/{date}\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "2024-10-01",
+        0,
+        &["end 2024-10-01 precedes start 2024-10-22"],
+    );
+}
+
+#[test]
+fn template_syntax_errors_are_positioned_at_the_template() {
+    let src = with_source("  - name: b\n    scraper: s\n    objects: [\"b/{date\"]\n");
+    assert_err_at(
+        &src,
+        "\"b/{date\"",
+        0,
+        &["invalid template `b/{date`", "unclosed `{`"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-10-22, end: today}\n    objects: [\"b/{date:%Q}\"]\n",
+    );
+    assert_err_at(&src, "\"b/{date:%Q}\"", 0, &["invalid date format `%Q`"]);
+
+    let src = BASE.replace("\"{out}\"]", "\"{out}\", \"{date:%H}\"]");
+    assert_err_at(&src, "\"{date:%H}\"", 0, &["needs a time"]);
+}
+
+#[test]
+fn object_templates_must_match_the_partitions() {
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-10-22, end: today}\n    objects: [\"b/{day}.json\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "\"b/{day}.json\"",
+        0,
+        &["uses `{day}`", "source `b` do not define", "defined: date"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      seasons: {start: \"2015-16\", end: \"2016-17\"}\n    objects: [\"b/{season:%Y}.json\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "\"b/{season:%Y}.json\"",
+        0,
+        &["formats a date", "`season` is not a date"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-10-22, end: today}\n    objects: [\"b/latest.json\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "\"b/latest.json\"",
+        0,
+        &["does not use partition variable `date`", "share keys"],
+    );
+
+    let src = with_source("  - name: b\n    scraper: s\n    objects: [\"/abs/b.json\"]\n");
+    assert_err_at(
+        &src,
+        "\"/abs/b.json\"",
+        0,
+        &["must not start or end with `/`"],
+    );
+    let src = with_source("  - name: b\n    scraper: s\n    objects: [\"b/../../etc\"]\n");
+    assert_err_at(&src, "\"b/../../etc\"", 0, &["`..`"]);
+
+    let src = with_source("  - name: b\n    scraper: s\n    objects: [\"a/static.json\"]\n");
+    assert_err_at(&src, "\"a/static.json\"", 1, &["used twice", "source `a`"]);
+}
+
+#[test]
+fn hostile_partition_values_are_rejected_with_position() {
+    for bad in ["../x", "a;b", "a b", "..", "$(reboot)"] {
+        let quoted = format!("\"{bad}\"");
+        let src = with_source(&format!(
+            "  - name: b\n    scraper: s\n    partitions:\n      values: {{var: id, values: [ok1, {quoted}]}}\n    objects: [\"b/{{id}}\"]\n"
+        ));
+        assert_err_at(
+            &src,
+            &quoted,
+            0,
+            &["invalid partition value", "[A-Za-z0-9._-]"],
+        );
+    }
+    let long = "x".repeat(10 * 1024);
+    let src = with_source(&format!(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {{var: id, values: [{long}]}}\n    objects: [\"b/{{id}}\"]\n"
+    ));
+    let msg = err(&src);
+    assert!(
+        msg.starts_with(&format!("demo.yaml:{}: ", pos_of(&src, &long))),
+        "{}",
+        &msg[..100]
+    );
+    assert!(msg.len() < 300, "the message quotes an excerpt only");
+}
+
+#[test]
+fn values_need_a_var_distinct_values_and_a_valid_name() {
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {values: [x]}\n    objects: [\"b\"]\n",
+    );
+    assert_err_at(&src, "{values: [x]}", 0, &["missing field `var`"]);
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {var: id, values: [x, y, x]}\n    objects: [\"b/{id}\"]\n",
+    );
+    assert_err_at(&src, "x]", 0, &["duplicate value `x`"]);
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {var: Game-ID, values: [x]}\n    objects: [\"b/{id}\"]\n",
+    );
+    assert_err_at(&src, "Game-ID", 0, &["invalid variable name `Game-ID`"]);
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {var: id, values: []}\n    objects: [\"b/{id}\"]\n",
+    );
+    assert_err_at(&src, "[]", 0, &["must not be empty"]);
+}
+
+#[test]
+fn generators_need_distinct_vars_one_key_each_and_no_builtin_names() {
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      - values: {var: id, values: [x]}\n      - values: {var: id, values: [y]}\n    objects: [\"b/{id}\"]\n",
+    );
+    assert_err_at(&src, "id", 1, &["defines partition variable `id` twice"]);
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {var: source, values: [x]}\n    objects: [\"b/{source}\"]\n",
+    );
+    assert_err_at(&src, "source,", 0, &["clashes with a built-in placeholder"]);
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {var: id, values: [x]}\n      dates: {start: 2024-10-22, end: today}\n    objects: [\"b/{id}\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "values: {var: id",
+        0,
+        &["exactly one key", "found `dates` after `values`", "list"],
+    );
+
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      weeks: {start: 2024-10-22, end: today}\n    objects: [\"b\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "weeks",
+        0,
+        &["unknown partition generator `weeks`", "`dates`"],
+    );
+
+    let src =
+        with_source("  - name: b\n    scraper: s\n    partitions: []\n    objects: [\"b\"]\n");
+    assert_err_at(&src, "[]", 0, &["empty list of partition generators"]);
+}
+
+#[test]
+fn cross_references_point_at_the_offending_value() {
+    let src = with_source("  - name: nba_pbp\n    scraper: nba_pbpp\n    objects: [x]\n");
+    assert_err_at(
+        &src,
+        "nba_pbpp",
+        0,
+        &["source `nba_pbp` uses scraper `nba_pbpp`, which is not defined (defined: s)"],
+    );
+
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    limits: [bbref]\n");
+    assert_err_at(
+        &src,
+        "bbref",
+        0,
+        &["scraper `s` uses limit group `bbref`, which is not defined (defined: none)"],
+    );
+
+    let src = with_source("  - name: a\n    scraper: s\n    objects: [\"other\"]\n");
+    assert_err_at(
+        &src,
+        "a\n    scraper: s\n    objects: [\"other\"]",
+        0,
+        &["duplicate source name `a`", "sources[0]", "line 9"],
+    );
+
+    let src = with_source("  - name: b\n    scraper: s\n    objects: []\n");
+    assert_err_at(&src, "[]", 0, &["source `b` has no objects"]);
+
+    let src = with_source("  - name: b\n    scraper: s\n");
+    assert_err_at(&src, "name: b", 0, &["missing field `objects`"]);
+
+    let src = with_source("  - name: \"b c\"\n    scraper: s\n    objects: [x]\n");
+    assert_err_at(&src, "\"b c\"", 0, &["invalid source name `b c`"]);
+}
+
+#[test]
+fn command_templates_may_use_only_variables_of_every_user_source() {
+    let src = format!(
+        "{}  - name: b\n    scraper: s\n    partitions:\n      dates: {{start: 2024-10-22, end: today}}\n    objects: [\"b/{{date}}\"]\n",
+        BASE.replace("\"{out}\"]", "\"{out}\", \"--day={date:%Y%m%d}\"]")
+    );
+    assert_err_at(
+        &src,
+        "\"--day={date:%Y%m%d}\"",
+        0,
+        &[
+            "scraper `s` uses `{date}` in its command",
+            "source `a`",
+            "does not define it",
+        ],
+    );
+
+    let src = format!(
+        "version: 1\nlake: {{local: {{root: l}}}}\nscrapers:\n  s:\n    command: [x, \"{{season:%Y}}\"]\nsources:\n  - name: b\n    scraper: s\n    partitions:\n      seasons: {{start: \"2015\", end: \"2016\"}}\n    objects: [\"b/{{season}}\"]\n"
+    );
+    assert_err_at(
+        &src,
+        "\"{season:%Y}\"",
+        0,
+        &["formats `{season}` as a date", "not a date in source `b`"],
+    );
+
+    let src = BASE.replace("\"{out}\"]", "\"{out}\", \"{task_id:%Y}\"]");
+    assert_err_at(
+        &src,
+        "\"{task_id:%Y}\"",
+        0,
+        &["`{task_id}` is not a date and takes no format"],
+    );
+}
+
+#[test]
+fn env_keys_and_values_are_checked() {
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    env: {OUT: \"{out}\"}\n");
+    assert_err_at(
+        &src,
+        "\"{out}\"}",
+        0,
+        &["`{out}` is only available in `command`", "ADCE_OUTPUT_DIR"],
+    );
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    env: {ADCE_TASK_ID: x}\n");
+    assert_err_at(&src, "ADCE_TASK_ID", 0, &["reserved"]);
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    env: {\"A-B\": x}\n");
+    assert_err_at(
+        &src,
+        "\"A-B\"",
+        0,
+        &["invalid environment variable name `A-B`"],
+    );
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    env: {A: \"{game}\"}\n");
+    assert_err_at(&src, "\"{game}\"", 0, &["uses `{game}` in its env"]);
+}
+
+#[test]
+fn duplicate_map_keys_are_errors() {
+    let src = BASE.replace(
+        "scrapers:\n",
+        "scrapers:\n  t:\n    command: [x]\n  t:\n    command: [y]\n",
+    );
+    assert_err_at(
+        &src,
+        "t:\n    command: [y]",
+        0,
+        &["duplicate key `t`", "scrapers"],
+    );
+}
+
+#[test]
+fn ranges_and_relations_between_values() {
+    let src = BASE.replace(
+        "version: 1\n",
+        "version: 1\nserver:\n  heartbeat_interval: 30s\n  lease_ttl: 10s\n",
+    );
+    assert_err_at(
+        &src,
+        "10s",
+        0,
+        &["lease_ttl (10s) must be longer than heartbeat_interval (30s)"],
+    );
+
+    let src = BASE.replace(
+        "version: 1\n",
+        "version: 1\nloop:\n  queue_check_interval: 0s\n",
+    );
+    assert_err_at(
+        &src,
+        "0s",
+        0,
+        &["`queue_check_interval` must be longer than 0s"],
+    );
+
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    retry: {multiplier: 0.5}\n");
+    assert_err_at(&src, "0.5", 0, &["`multiplier` must be at least 1.0"]);
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    retry: {backoff: 2h}\n");
+    assert_err_at(&src, "2h", 0, &["backoff (2h) exceeds max_backoff (1h)"]);
+    let src = BASE.replace("\"{out}\"]\n", "\"{out}\"]\n    retry: {jitter: 2}\n");
+    assert_err_at(&src, "2}", 0, &["`jitter` must be between 0 and 1"]);
+
+    let src = format!("{BASE}limits:\n  g: {{burst: 3}}\n");
+    assert_err_at(&src, "3}", 0, &["limit group `g` has a burst but no rate"]);
+    let src = format!("{BASE}limits:\n  g: {{max_concurrent: 0}}\n");
+    assert_err_at(&src, "0}", 0, &["`max_concurrent` must be at least 1"]);
+
+    let src = BASE
+        .replace("    root: lake\n", "    root: lake\n")
+        .replace("lake:\n  local:\n    root: lake\n", "lake: {}\n");
+    assert_err_at(&src, "{}", 0, &["the lake needs `local"]);
+
+    let src = BASE.replace(
+        "command: [\"sh\", \"{config_dir}/s.sh\", \"{out}\"]",
+        "command: []",
+    );
+    assert_err_at(&src, "[]", 0, &["scraper `s` has an empty command"]);
+}
+
+#[test]
+fn byte_sizes_accept_units() {
+    let src = BASE.replace(
+        "version: 1\n",
+        "version: 1\nserver:\n  max_upload_bytes: 512MiB\n",
+    );
+    assert_eq!(parse(&src).unwrap().server.max_upload_bytes, 512 << 20);
+    let src = BASE.replace(
+        "version: 1\n",
+        "version: 1\nserver:\n  max_upload_bytes: lots\n",
+    );
+    assert_err_at(&src, "lots", 0, &["invalid size `lots`"]);
+}
+
+#[test]
+fn plain_scalars_keep_their_spelling() {
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      values: {var: id, values: [0022400061, 7]}\n    objects: [\"b/{id}\"]\n",
+    );
+    let cfg = parse(&src).unwrap();
+    let Generator::Values(v) = &cfg.sources[1].partitions.0[0] else {
+        panic!("values generator expected");
+    };
+    let values: Vec<&str> = v.values.iter().map(|v| v.as_str()).collect();
+    assert_eq!(values, ["0022400061", "7"]);
+}
+
+#[test]
+fn demo_config_parses_and_is_finite() {
+    let cfg = parse(DEMO).unwrap();
+    assert_eq!(cfg.sources.len(), 6);
+    assert_eq!(cfg.r#loop.reconcile_interval, Duration::from_secs(30));
+    assert_eq!(cfg.r#loop.queue_check_interval, Duration::from_secs(1));
+    for s in &cfg.sources {
+        for g in &s.partitions.0 {
+            if let Generator::Dates(d) = g {
+                assert!(
+                    matches!(d.end, DateEnd::Date(_)),
+                    "{}: demo dates must be fixed",
+                    s.name
+                );
+            }
+            if let Generator::Seasons(sg) = g {
+                assert!(
+                    matches!(sg.end, SeasonEnd::Season(_)),
+                    "{}: demo seasons must be fixed",
+                    s.name
+                );
+            }
+        }
+    }
+    for (name, s) in &cfg.scrapers {
+        assert_eq!(s.timeout, Duration::from_secs(30), "{name}");
+        assert_eq!(s.retry.backoff, Duration::from_secs(2), "{name}");
+    }
+}
+
+#[test]
+fn example_config_parses_and_covers_every_section() {
+    let cfg = parse(EXAMPLE).unwrap();
+    assert_eq!(cfg.server.max_upload_bytes, 5 << 30);
+    assert_eq!(cfg.limits["bbref"].rate.unwrap().to_string(), "20/min");
+    assert_eq!(cfg.limits["bbref"].burst, Some(3));
+    assert_eq!(cfg.scrapers["bbref"].requires["proxy"], "residential");
+    let kinds: Vec<&str> = cfg
+        .sources
+        .iter()
+        .flat_map(|s| s.partitions.0.iter().map(Generator::key))
+        .collect();
+    for k in ["dates", "seasons", "values"] {
+        assert!(kinds.contains(&k), "example lacks a `{k}` generator");
+    }
+    assert!(
+        cfg.sources.iter().any(|s| s.partitions.0.len() > 1),
+        "example lacks a product"
+    );
+}
+
+#[test]
+fn shipped_configs_are_fully_indexed() {
+    // saphyr is stricter than libyaml; a shipped config it cannot read would lose
+    // positions in post-parse errors.
+    for (name, src) in [("demo", DEMO), ("example", EXAMPLE)] {
+        let idx = PositionIndex::build(src);
+        assert!(idx.is_complete(), "{name} is not fully indexed");
+        let cfg = parse(src).unwrap();
+        for i in 0..cfg.sources.len() {
+            let p = YamlPath::root().key("sources").idx(i).key("scraper");
+            assert!(idx.contains(&p), "{name}: {p} not indexed");
+        }
+    }
+}
+
+#[test]
+fn dump_parses_back_to_an_equal_config() {
+    for (origin, src) in [
+        ("demo.yaml", DEMO),
+        ("/etc/adce/example.yaml", EXAMPLE),
+        ("base.yaml", BASE),
+    ] {
+        let cfg = Config::parse(src, Path::new(origin)).unwrap();
+        let dumped = cfg.dump();
+        let again = Config::parse(&dumped, Path::new(origin))
+            .unwrap_or_else(|e| panic!("dump of {origin} does not parse: {e}\n{dumped}"));
+        assert_eq!(again, cfg, "{origin}");
+        assert_eq!(again.dump(), dumped, "{origin}: dump is stable");
+    }
+    let dumped = parse(BASE).unwrap().dump();
+    for key in [
+        "listen: 127.0.0.1:7070",
+        "heartbeat_interval: 5s",
+        "reconcile_interval: 1h",
+        "max_attempts: 3",
+        "priority: medium",
+    ] {
+        assert!(dumped.contains(key), "dump lacks `{key}`:\n{dumped}");
+    }
+}
+
+#[test]
+fn retry_delays_grow_cap_and_jitter() {
+    let r = RetryPolicy::default();
+    assert_eq!(r.delay(1, 0.5), Duration::from_secs(30));
+    assert_eq!(r.delay(2, 0.5), Duration::from_secs(60));
+    assert_eq!(r.delay(3, 0.5), Duration::from_secs(120));
+    assert_eq!(r.delay(30, 0.5), Duration::from_secs(3600));
+    assert_eq!(r.delay(u32::MAX, 0.5), Duration::from_secs(3600));
+    assert_eq!(r.delay(1, 0.0), Duration::from_secs(27));
+    assert!(r.delay(1, 1.0) <= Duration::from_secs(33));
+    assert!(
+        r.delay(30, 1.0) <= r.max_backoff,
+        "jitter never exceeds the cap"
+    );
+    assert!(r.allows_another(2));
+    assert!(!r.allows_another(3));
+}

@@ -1,0 +1,637 @@
+//! Checks that span several values of a deserialized config (references between
+//! sections, template variables against partitions, duplicates, ranges), each error
+//! pointing at the offending value through the document's [`PositionIndex`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use serde::Deserializer;
+
+use super::position::{Position, PositionIndex, YamlPath};
+use super::scalars::{excerpt, from_text, is_valid_name};
+use super::{Config, DateEnd, Generator, ScraperConfig, SeasonEnd, SourceConfig, VarKind};
+use crate::catalog::{SPECIAL_VARS, VAR_OUT};
+use crate::template::{Arg, Template, is_ident};
+
+/// A validation failure: where and what.
+#[derive(Debug)]
+pub(super) struct Issue {
+    pub position: Option<Position>,
+    pub message: String,
+}
+
+/// Environment variables with this prefix are set by adce itself.
+const RESERVED_ENV_PREFIX: &str = "ADCE_";
+
+/// The date object key templates are probed with.
+const PROBE_DATE: (i32, u32, u32) = (2001, 2, 3);
+
+/// Deserializes a source name, checking `[A-Za-z0-9_.-]{1,64}`.
+pub(super) fn de_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct Name(String);
+    impl FromStr for Name {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, String> {
+            if is_valid_name(s) {
+                Ok(Name(s.to_owned()))
+            } else {
+                Err(name_error("source", s))
+            }
+        }
+    }
+    from_text::<D, Name>(d, "a name").map(|n| n.0)
+}
+
+fn name_error(what: &str, s: &str) -> String {
+    format!(
+        "invalid {what} name `{}`: expected [A-Za-z0-9_.-]{{1,64}}",
+        excerpt(s)
+    )
+}
+
+/// Runs every check, returning the first failure in roughly document order.
+pub(super) fn check(cfg: &Config, idx: &PositionIndex) -> Result<(), Issue> {
+    let v = Validator {
+        cfg,
+        idx,
+        root: YamlPath::root(),
+    };
+    v.duplicate_keys()?;
+    v.server()?;
+    v.lake()?;
+    v.loop_section()?;
+    v.limits()?;
+    for (name, scraper) in &cfg.scrapers {
+        v.scraper(name, scraper)?;
+    }
+    v.sources()?;
+    for (name, scraper) in &cfg.scrapers {
+        v.scraper_vars(name, scraper)?;
+    }
+    Ok(())
+}
+
+struct Validator<'a> {
+    cfg: &'a Config,
+    idx: &'a PositionIndex,
+    root: YamlPath,
+}
+
+fn list(names: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let all: Vec<String> = names.into_iter().map(|n| n.as_ref().to_owned()).collect();
+    if all.is_empty() {
+        "none".to_owned()
+    } else {
+        all.join(", ")
+    }
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+impl Validator<'_> {
+    fn at(&self, path: &YamlPath, message: String) -> Issue {
+        Issue {
+            position: self.idx.value(path),
+            message,
+        }
+    }
+
+    fn at_key(&self, path: &YamlPath, message: String) -> Issue {
+        Issue {
+            position: self.idx.key(path),
+            message,
+        }
+    }
+
+    fn positive(&self, path: &YamlPath, d: Duration) -> Result<(), Issue> {
+        if d.is_zero() {
+            return Err(self.at(
+                path,
+                format!(
+                    "`{}` must be longer than 0s",
+                    path.last_key().unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn duplicate_keys(&self) -> Result<(), Issue> {
+        match self.idx.duplicates().first() {
+            Some((path, pos)) => Err(Issue {
+                position: Some(*pos),
+                message: format!(
+                    "duplicate key `{}` in `{}`",
+                    path.last_key().unwrap_or_default(),
+                    path.parent().unwrap_or_default()
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn server(&self) -> Result<(), Issue> {
+        let s = &self.cfg.server;
+        let p = self.root.key("server");
+        self.positive(&p.key("heartbeat_interval"), s.heartbeat_interval)?;
+        if s.lease_ttl <= s.heartbeat_interval {
+            return Err(self.at(
+                &p.key("lease_ttl"),
+                format!(
+                    "lease_ttl ({}) must be longer than heartbeat_interval ({})",
+                    human(s.lease_ttl),
+                    human(s.heartbeat_interval)
+                ),
+            ));
+        }
+        if s.max_upload_bytes == 0 {
+            return Err(self.at(
+                &p.key("max_upload_bytes"),
+                "`max_upload_bytes` must be at least 1".into(),
+            ));
+        }
+        if s.state_dir.as_os_str().is_empty() {
+            return Err(self.at(&p.key("state_dir"), "`state_dir` must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    fn lake(&self) -> Result<(), Issue> {
+        let p = self.root.key("lake");
+        match &self.cfg.lake.local {
+            None => Err(self.at(
+                &p,
+                "the lake needs `local: {root: DIR}` (S3 lakes are coming in a later version)"
+                    .into(),
+            )),
+            Some(local) if local.root.as_os_str().is_empty() => Err(self.at(
+                &p.key("local").key("root"),
+                "`lake.local.root` must not be empty".into(),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn loop_section(&self) -> Result<(), Issue> {
+        let l = &self.cfg.r#loop;
+        let p = self.root.key("loop");
+        self.positive(&p.key("reconcile_interval"), l.reconcile_interval)?;
+        self.positive(&p.key("queue_check_interval"), l.queue_check_interval)?;
+        self.positive(&p.key("max_cycle_runtime"), l.max_cycle_runtime)?;
+        if l.dispatch_threshold == 0 {
+            return Err(self.at(
+                &p.key("dispatch_threshold"),
+                "`dispatch_threshold` must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> Result<(), Issue> {
+        for (name, g) in &self.cfg.limits {
+            let p = self.root.key("limits").key(name);
+            if !is_valid_name(name) {
+                return Err(self.at_key(&p, name_error("limit group", name)));
+            }
+            if g.burst.is_some() && g.rate.is_none() {
+                return Err(self.at(
+                    &p.key("burst"),
+                    format!("limit group `{name}` has a burst but no rate"),
+                ));
+            }
+            if g.burst == Some(0) {
+                return Err(self.at(&p.key("burst"), "`burst` must be at least 1".into()));
+            }
+            if g.max_concurrent == Some(0) {
+                return Err(self.at(
+                    &p.key("max_concurrent"),
+                    "`max_concurrent` must be at least 1 (omit it for no cap)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks of one scraper that need nothing but the scraper and the limit groups.
+    fn scraper(&self, name: &str, s: &ScraperConfig) -> Result<(), Issue> {
+        let p = self.root.key("scrapers").key(name);
+        if !is_valid_name(name) {
+            return Err(self.at_key(&p, name_error("scraper", name)));
+        }
+        if s.command.is_empty() {
+            return Err(self.at(
+                &p.key("command"),
+                format!("scraper `{name}` has an empty command"),
+            ));
+        }
+        if s.command[0].as_str().trim().is_empty() {
+            return Err(self.at(
+                &p.key("command").idx(0),
+                format!("scraper `{name}` has an empty program name"),
+            ));
+        }
+        self.positive(&p.key("timeout"), s.timeout)?;
+        let r = &s.retry;
+        let rp = p.key("retry");
+        if r.max_attempts == 0 {
+            return Err(self.at(
+                &rp.key("max_attempts"),
+                "`max_attempts` must be at least 1".into(),
+            ));
+        }
+        if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
+            return Err(self.at(
+                &rp.key("multiplier"),
+                format!("`multiplier` must be at least 1.0, got {}", r.multiplier),
+            ));
+        }
+        if !(r.jitter.is_finite() && (0.0..=1.0).contains(&r.jitter)) {
+            return Err(self.at(
+                &rp.key("jitter"),
+                format!("`jitter` must be between 0 and 1, got {}", r.jitter),
+            ));
+        }
+        if r.backoff > r.max_backoff {
+            return Err(self.at(
+                &rp.key("backoff"),
+                format!(
+                    "backoff ({}) exceeds max_backoff ({})",
+                    human(r.backoff),
+                    human(r.max_backoff)
+                ),
+            ));
+        }
+        for (i, group) in s.limits.iter().enumerate() {
+            let lp = p.key("limits").idx(i);
+            if !self.cfg.limits.contains_key(group) {
+                return Err(self.at(
+                    &lp,
+                    format!(
+                        "scraper `{name}` uses limit group `{}`, which is not defined (defined: {})",
+                        excerpt(group),
+                        list(self.cfg.limits.keys())
+                    ),
+                ));
+            }
+            if s.limits[..i].contains(group) {
+                return Err(self.at(
+                    &lp,
+                    format!("scraper `{name}` lists limit group `{group}` twice"),
+                ));
+            }
+        }
+        for (label, value) in &s.requires {
+            let lp = p.key("requires").key(label);
+            if !is_valid_name(label) {
+                return Err(self.at_key(&lp, name_error("label", label)));
+            }
+            if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
+                return Err(self.at(
+                    &lp,
+                    format!("label `{label}` needs a value of 1 to 256 printable characters"),
+                ));
+            }
+        }
+        for (key, value) in &s.env {
+            let ep = p.key("env").key(key);
+            if !is_ident(key) {
+                return Err(self.at_key(
+                    &ep,
+                    format!(
+                        "invalid environment variable name `{}`: expected [A-Za-z_][A-Za-z0-9_]*",
+                        excerpt(key)
+                    ),
+                ));
+            }
+            if key.to_ascii_uppercase().starts_with(RESERVED_ENV_PREFIX) {
+                return Err(self.at_key(
+                    &ep,
+                    format!("environment variable `{key}` is reserved: adce sets `ADCE_*` itself"),
+                ));
+            }
+            if value.vars().any(|v| v == VAR_OUT) {
+                return Err(self.at(
+                    &ep,
+                    format!("`{{out}}` is only available in `command`; scrapers find the output directory in $ADCE_OUTPUT_DIR (env `{key}`)"),
+                ));
+            }
+        }
+        let templates = s
+            .command
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (p.key("command").idx(i), t))
+            .chain(s.env.iter().map(|(k, t)| (p.key("env").key(k), t)));
+        for (tp, t) in templates {
+            for ph in t.placeholders() {
+                if SPECIAL_VARS.contains(&ph.name()) && ph.format().is_some() {
+                    return Err(self.at(
+                        &tp,
+                        format!(
+                            "`{{{}}}` is not a date and takes no format (template `{}`)",
+                            ph.name(),
+                            excerpt(t.as_str())
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn generator_path(&self, source: usize, j: usize, g: &Generator) -> YamlPath {
+        let parts = self.root.key("sources").idx(source).key("partitions");
+        let listed = parts.idx(j);
+        if self.idx.contains(&listed) {
+            listed.key(g.key())
+        } else {
+            parts.key(g.key())
+        }
+    }
+
+    fn sources(&self) -> Result<(), Issue> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut templates: HashMap<&str, &str> = HashMap::new();
+        for (i, s) in self.cfg.sources.iter().enumerate() {
+            let p = self.root.key("sources").idx(i);
+            if let Some(first) = names.insert(&s.name, i) {
+                let first_at = self
+                    .idx
+                    .value(&self.root.key("sources").idx(first).key("name"))
+                    .map(|pos| format!(" at line {}", pos.line))
+                    .unwrap_or_default();
+                return Err(self.at(
+                    &p.key("name"),
+                    format!(
+                        "duplicate source name `{}` (first defined as sources[{first}]{first_at})",
+                        s.name
+                    ),
+                ));
+            }
+            if !self.cfg.scrapers.contains_key(&s.scraper) {
+                return Err(self.at(
+                    &p.key("scraper"),
+                    format!(
+                        "source `{}` uses scraper `{}`, which is not defined (defined: {})",
+                        s.name,
+                        excerpt(&s.scraper),
+                        list(self.cfg.scrapers.keys())
+                    ),
+                ));
+            }
+            self.generators(i, s)?;
+            if s.objects.is_empty() {
+                return Err(self.at(
+                    &p.key("objects"),
+                    format!(
+                        "source `{}` has no objects: list at least one key template",
+                        s.name
+                    ),
+                ));
+            }
+            for (j, t) in s.objects.iter().enumerate() {
+                let op = p.key("objects").idx(j);
+                self.object_template(s, &op, t)?;
+                if let Some(other) = templates.insert(t.as_str(), &s.name) {
+                    return Err(self.at(
+                        &op,
+                        format!(
+                            "object key template `{}` is used twice (also by source `{other}`)",
+                            excerpt(t.as_str())
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn generators(&self, i: usize, s: &SourceConfig) -> Result<(), Issue> {
+        let mut seen: Vec<&str> = Vec::new();
+        for (j, g) in s.partitions.0.iter().enumerate() {
+            let gp = self.generator_path(i, j, g);
+            let var = g.var();
+            if SPECIAL_VARS.contains(&var) {
+                return Err(self.at(
+                    &gp.key("var"),
+                    format!(
+                        "partition variable `{var}` clashes with a built-in placeholder ({})",
+                        list(SPECIAL_VARS)
+                    ),
+                ));
+            }
+            if seen.contains(&var) {
+                return Err(self.at(
+                    &gp.key("var"),
+                    format!("source `{}` defines partition variable `{var}` twice; give each generator its own `var`", s.name),
+                ));
+            }
+            seen.push(var);
+            match g {
+                Generator::Dates(d) => {
+                    if let DateEnd::Date(end) = d.end {
+                        if end < d.start {
+                            return Err(self.at(
+                                &gp.key("end"),
+                                format!("end {end} precedes start {}", d.start),
+                            ));
+                        }
+                    }
+                }
+                Generator::Seasons(sg) => {
+                    if let SeasonEnd::Season(end) = sg.end {
+                        if end.format != sg.start.format {
+                            return Err(self.at(
+                                &gp.key("end"),
+                                format!("end `{end}` must be written like start `{}`", sg.start),
+                            ));
+                        }
+                        if end.year < sg.start.year {
+                            return Err(self.at(
+                                &gp.key("end"),
+                                format!("end `{end}` precedes start `{}`", sg.start),
+                            ));
+                        }
+                    }
+                }
+                Generator::Values(vg) => {
+                    let vp = gp.key("values");
+                    if vg.values.is_empty() {
+                        return Err(
+                            self.at(&vp, format!("`values` of `{}` must not be empty", vg.var))
+                        );
+                    }
+                    let mut set = std::collections::HashSet::new();
+                    for (k, value) in vg.values.iter().enumerate() {
+                        if !set.insert(value.as_str()) {
+                            return Err(self.at(
+                                &vp.idx(k),
+                                format!("duplicate value `{value}` for `{}`", vg.var),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn object_template(
+        &self,
+        s: &SourceConfig,
+        path: &YamlPath,
+        t: &Template,
+    ) -> Result<(), Issue> {
+        let vars: BTreeMap<&str, VarKind> = s.partitions.vars().collect();
+        let defined = || {
+            if vars.is_empty() {
+                "this source has no partition variables".to_owned()
+            } else {
+                format!("defined: {}", list(s.partitions.vars().map(|(n, _)| n)))
+            }
+        };
+        for ph in t.placeholders() {
+            match vars.get(ph.name()) {
+                None => {
+                    return Err(self.at(
+                        path,
+                        format!(
+                            "object key template `{}` uses `{{{}}}`, which the partitions of source `{}` do not define ({})",
+                            excerpt(t.as_str()),
+                            ph.name(),
+                            s.name,
+                            defined()
+                        ),
+                    ));
+                }
+                Some(VarKind::Text) if ph.format().is_some() => {
+                    return Err(self.at(
+                        path,
+                        format!(
+                            "`{{{}:{}}}` formats a date, but `{}` is not a date variable",
+                            ph.name(),
+                            ph.format().unwrap_or_default(),
+                            ph.name()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        for var in vars.keys() {
+            if !t.vars().any(|v| v == *var) {
+                return Err(self.at(
+                    path,
+                    format!(
+                        "object key template `{}` does not use partition variable `{var}`, so partitions would share keys",
+                        excerpt(t.as_str())
+                    ),
+                ));
+            }
+        }
+        let (y, m, d) = PROBE_DATE;
+        let probe_date = NaiveDate::from_ymd_opt(y, m, d).unwrap_or_default();
+        let probe = t
+            .render(&|name| match vars.get(name) {
+                Some(VarKind::Date) => Some(Arg::Date(probe_date)),
+                Some(VarKind::Text) => Some(Arg::Text("x")),
+                None => None,
+            })
+            .map_err(|e| {
+                self.at(
+                    path,
+                    format!("object key template `{}`: {e}", excerpt(t.as_str())),
+                )
+            })?;
+        if let Err(why) = key_shape(&probe) {
+            return Err(self.at(
+                path,
+                format!(
+                    "object key template `{}` renders keys like `{}`, which {why}",
+                    excerpt(t.as_str()),
+                    excerpt(&probe)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that every placeholder of a scraper's templates is defined by every source
+    /// that uses the scraper (or is a built-in one), with formats only on dates.
+    fn scraper_vars(&self, name: &str, s: &ScraperConfig) -> Result<(), Issue> {
+        let p = self.root.key("scrapers").key(name);
+        let users: Vec<&SourceConfig> = self
+            .cfg
+            .sources
+            .iter()
+            .filter(|src| src.scraper == name)
+            .collect();
+        let templates = s
+            .command
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (p.key("command").idx(i), "command", t))
+            .chain(s.env.iter().map(|(k, t)| (p.key("env").key(k), "env", t)));
+        for (tp, place, t) in templates {
+            for ph in t.placeholders() {
+                if SPECIAL_VARS.contains(&ph.name()) {
+                    continue;
+                }
+                for src in &users {
+                    match src.partitions.vars().find(|(n, _)| *n == ph.name()) {
+                        None => {
+                            let defined: Vec<&str> =
+                                src.partitions.vars().map(|(n, _)| n).collect();
+                            return Err(self.at(
+                                &tp,
+                                format!(
+                                    "scraper `{name}` uses `{{{}}}` in its {place}, but source `{}`, which uses this scraper, does not define it (partition variables: {}; built-in: {})",
+                                    ph.name(),
+                                    src.name,
+                                    list(defined),
+                                    list(SPECIAL_VARS)
+                                ),
+                            ));
+                        }
+                        Some((_, VarKind::Text)) if ph.format().is_some() => {
+                            return Err(self.at(
+                                &tp,
+                                format!(
+                                    "scraper `{name}` formats `{{{}}}` as a date, but it is not a date in source `{}`",
+                                    ph.name(),
+                                    src.name
+                                ),
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `key` cannot be an object key, if it cannot.
+fn key_shape(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("is empty");
+    }
+    if key.starts_with('/') || key.ends_with('/') {
+        return Err("must not start or end with `/`");
+    }
+    if key.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("must not contain control characters or `\\`");
+    }
+    if key
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err("must not contain empty, `.` or `..` path segments");
+    }
+    Ok(())
+}

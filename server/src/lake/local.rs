@@ -1,0 +1,335 @@
+//! The local-directory lake, the embedded default: objects are files under a
+//! root directory. Writes go to a hidden temp file in the target directory,
+//! are fsynced, then renamed over the key, so a reader never sees a partial
+//! object.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+
+use super::{Lake, LakeError, ObjectMeta, ObjectWriter, validate_key};
+use crate::model::UnixMs;
+
+/// File names starting with this are in-flight writes, never listed.
+const TEMP_PREFIX: &str = ".adce-tmp.";
+
+/// A lake rooted at a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalLake {
+    root: PathBuf,
+}
+
+impl LocalLake {
+    /// A lake at `root`, created if missing.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, LakeError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|source| LakeError::Io {
+            op: "create root",
+            key: root.display().to_string(),
+            source,
+        })?;
+        Ok(LocalLake { root })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, LakeError> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn modified_ms(meta: &std::fs::Metadata) -> UnixMs {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn io_err<'a>(op: &'static str, key: &'a str) -> impl FnOnce(std::io::Error) -> LakeError + 'a {
+    move |source| LakeError::Io {
+        op,
+        key: key.to_string(),
+        source,
+    }
+}
+
+/// Walks `dir` (whose key prefix is `dir_key`, empty or ending in `/`) and
+/// collects every regular file whose key starts with `prefix`.
+fn walk(
+    dir: &Path,
+    dir_key: &str,
+    prefix: &str,
+    out: &mut Vec<ObjectMeta>,
+) -> Result<(), LakeError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("list", dir_key)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err("list", dir_key))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue; // Not UTF-8: cannot be an object key.
+        };
+        if name.starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        let key = format!("{dir_key}{name}");
+        let file_type = entry.file_type().map_err(io_err("list", &key))?;
+        if file_type.is_dir() {
+            let sub_key = format!("{key}/");
+            // Descend only where keys below can still match the prefix.
+            if sub_key.starts_with(prefix) || prefix.starts_with(&sub_key) {
+                walk(&entry.path(), &sub_key, prefix, out)?;
+            }
+        } else if file_type.is_file() && key.starts_with(prefix) {
+            let meta = entry.metadata().map_err(io_err("list", &key))?;
+            out.push(ObjectMeta {
+                key,
+                size: meta.len(),
+                modified_ms: modified_ms(&meta),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Lake for LocalLake {
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, LakeError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            // Start at the deepest directory the prefix names in full.
+            let dir_key = match prefix.rfind('/') {
+                Some(i) => &prefix[..=i],
+                None => "",
+            };
+            let mut out = Vec::new();
+            walk(&root.join(dir_key), dir_key, &prefix, &mut out)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| LakeError::Io {
+            op: "list",
+            key: String::new(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
+    async fn stat(&self, key: &str) -> Result<Option<ObjectMeta>, LakeError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: meta.len(),
+                modified_ms: modified_ms(&meta),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", key)(e)),
+        }
+    }
+
+    async fn put(&self, key: &str) -> Result<Box<dyn ObjectWriter>, LakeError> {
+        let path = self.path_of(key)?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone());
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_err("create directory for", key))?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(
+            "{TEMP_PREFIX}{:016x}.{file_name}",
+            rand::random::<u64>()
+        ));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .await
+            .map_err(io_err("create", key))?;
+        Ok(Box::new(LocalWriter {
+            key: key.to_string(),
+            target: path,
+            temp,
+            file: Some(file),
+            size: 0,
+        }))
+    }
+
+    async fn probe(&self) -> Result<(), LakeError> {
+        let meta = tokio::fs::metadata(&self.root)
+            .await
+            .map_err(io_err("probe", ""))?;
+        if meta.is_dir() {
+            Ok(())
+        } else {
+            Err(LakeError::Io {
+                op: "probe",
+                key: String::new(),
+                source: std::io::Error::other("lake root is not a directory"),
+            })
+        }
+    }
+}
+
+/// An in-flight write to a temp file next to its target.
+struct LocalWriter {
+    key: String,
+    target: PathBuf,
+    temp: PathBuf,
+    file: Option<tokio::fs::File>,
+    size: u64,
+}
+
+#[async_trait]
+impl ObjectWriter for LocalWriter {
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), LakeError> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(io_err("write", &self.key)(std::io::Error::other(
+                "writer already finished",
+            )));
+        };
+        file.write_all(chunk)
+            .await
+            .map_err(io_err("write", &self.key))?;
+        self.size += chunk.len() as u64;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<ObjectMeta, LakeError> {
+        let Some(mut file) = self.file.take() else {
+            return Err(io_err("commit", &self.key)(std::io::Error::other(
+                "writer already finished",
+            )));
+        };
+        let result = async {
+            file.flush().await.map_err(io_err("flush", &self.key))?;
+            file.sync_all().await.map_err(io_err("fsync", &self.key))?;
+            drop(file);
+            tokio::fs::rename(&self.temp, &self.target)
+                .await
+                .map_err(io_err("rename", &self.key))?;
+            let meta = tokio::fs::metadata(&self.target)
+                .await
+                .map_err(io_err("stat", &self.key))?;
+            Ok(ObjectMeta {
+                key: self.key.clone(),
+                size: meta.len(),
+                modified_ms: modified_ms(&meta),
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&self.temp).await;
+        }
+        result
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        self.file.take();
+        let _ = tokio::fs::remove_file(&self.temp).await;
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            // Neither committed nor aborted: remove the temp file.
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn write(lake: &LocalLake, key: &str, data: &[u8]) -> ObjectMeta {
+        let mut w = lake.put(key).await.unwrap();
+        w.write(data).await.unwrap();
+        w.commit().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn writes_are_atomic_and_listed_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = LocalLake::open(dir.path()).unwrap();
+        let meta = write(&lake, "nba/schedule/20241022.json", b"{}").await;
+        assert_eq!(meta.size, 2);
+        write(&lake, "nba/schedule/20241023.json", b"[1]").await;
+        write(&lake, "nba/box/1.json", b"x").await;
+
+        // An unfinished write is invisible.
+        let mut pending = lake.put("nba/schedule/20241024.json").await.unwrap();
+        pending.write(b"partial").await.unwrap();
+        let mut keys: Vec<_> = lake
+            .list("nba/schedule/2024")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["nba/schedule/20241022.json", "nba/schedule/20241023.json"]
+        );
+        assert!(
+            lake.stat("nba/schedule/20241024.json")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        pending.abort().await;
+        let leftovers = std::fs::read_dir(dir.path().join("nba/schedule"))
+            .unwrap()
+            .count();
+        assert_eq!(leftovers, 2, "abort left a temp file behind");
+
+        assert_eq!(lake.list("").await.unwrap().len(), 3);
+        assert_eq!(lake.list("nba/box/").await.unwrap().len(), 1);
+        assert!(lake.list("nope/").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropped_writer_leaves_nothing_and_replace_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = LocalLake::open(dir.path()).unwrap();
+        write(&lake, "a/b", b"old").await;
+        {
+            let mut w = lake.put("a/b").await.unwrap();
+            w.write(b"new but dropped").await.unwrap();
+        }
+        assert_eq!(std::fs::read(dir.path().join("a/b")).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path().join("a")).unwrap().count(), 1);
+        write(&lake, "a/b", b"newer").await;
+        assert_eq!(std::fs::read(dir.path().join("a/b")).unwrap(), b"newer");
+    }
+
+    #[tokio::test]
+    async fn hostile_keys_are_refused_before_touching_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = LocalLake::open(dir.path().join("lake")).unwrap();
+        assert!(lake.put("../escape").await.is_err());
+        assert!(lake.put("/abs").await.is_err());
+        assert!(!dir.path().join("escape").exists());
+    }
+}

@@ -1,0 +1,150 @@
+//! The lake: where objects live. Owns the `Lake` trait every backend
+//! implements, object metadata, and key validation. Only the server writes the
+//! lake, and every write becomes visible atomically or not at all.
+
+mod local;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use local::LocalLake;
+
+use crate::model::UnixMs;
+
+/// The longest object key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// What the lake knows about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The key, relative to the lake's root or prefix, `/`-separated.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, in ms since the Unix epoch.
+    pub modified_ms: UnixMs,
+}
+
+/// Errors of lake backends.
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    /// The key is not a safe relative object key.
+    #[error("invalid object key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key as given (debug-escaped when printed).
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An I/O operation failed.
+    #[error("lake {op} {key:?}: {source}")]
+    Io {
+        /// What was being done (`list`, `stat`, `write`, `rename`, ...).
+        op: &'static str,
+        /// The key or prefix involved.
+        key: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A place objects are listed from and written to.
+#[async_trait]
+pub trait Lake: Send + Sync + 'static {
+    /// A short description for status output, e.g. `local:/srv/lake`.
+    fn describe(&self) -> String;
+
+    /// Every object whose key starts with `prefix` (which need not end at a `/`).
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, LakeError>;
+
+    /// The object at `key`, if it exists.
+    async fn stat(&self, key: &str) -> Result<Option<ObjectMeta>, LakeError>;
+
+    /// Starts writing the object at `key`; nothing is visible until `commit`.
+    async fn put(&self, key: &str) -> Result<Box<dyn ObjectWriter>, LakeError>;
+
+    /// Checks the lake can be reached (used by health and at start).
+    async fn probe(&self) -> Result<(), LakeError>;
+}
+
+/// An object being written. Dropping it without `commit` discards it.
+#[async_trait]
+pub trait ObjectWriter: Send {
+    /// Appends bytes.
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), LakeError>;
+    /// Makes the object visible under its key, atomically, replacing any older one.
+    async fn commit(self: Box<Self>) -> Result<ObjectMeta, LakeError>;
+    /// Discards everything written; the key is left as it was.
+    async fn abort(self: Box<Self>);
+}
+
+/// A shared lake handle.
+pub type SharedLake = Arc<dyn Lake>;
+
+/// Checks that `key` is a safe, normalized relative key: non-empty, at most
+/// [`MAX_KEY_LEN`] bytes, no leading `/`, no backslash, no control characters,
+/// no empty, `.` or `..` segments.
+pub fn validate_key(key: &str) -> Result<(), LakeError> {
+    let invalid = |reason| {
+        Err(LakeError::InvalidKey {
+            key: key.chars().take(200).collect(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return invalid("empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return invalid("longer than 1024 bytes");
+    }
+    if key.starts_with('/') {
+        return invalid("starts with '/'");
+    }
+    if key.contains('\\') {
+        return invalid("contains a backslash");
+    }
+    if key.chars().any(char::is_control) {
+        return invalid("contains a control character");
+    }
+    for segment in key.split('/') {
+        match segment {
+            "" => return invalid("contains an empty path segment"),
+            "." | ".." => return invalid("contains a '.' or '..' segment"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_key_accepts_normal_keys() {
+        for key in ["a", "nba/schedule/20241022.json", "x/y.z/..a/b..", "a b/c"] {
+            assert!(validate_key(key).is_ok(), "{key}");
+        }
+    }
+
+    #[test]
+    fn validate_key_refuses_hostile_keys() {
+        let long = "a".repeat(MAX_KEY_LEN + 1);
+        for key in [
+            "",
+            "/etc/passwd",
+            "../etc/passwd",
+            "a/../../b",
+            "a/./b",
+            "a//b",
+            "a/",
+            "a\\b",
+            "a\nb",
+            "a\0b",
+            long.as_str(),
+        ] {
+            assert!(validate_key(key).is_err(), "{key:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,1271 @@
+//! The scheduler actor's state and its command handling. See the module docs
+//! of `scheduler` for the batching and commit discipline.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use adce_proto::v1 as pb;
+use pb::server_message::Kind as Out;
+use rusqlite::{Connection, Transaction};
+use tracing::{debug, error, info, warn};
+
+use super::queue::ReadyQueue;
+use super::{
+    AgentEvent, AgentSnapshot, AgentTx, Command, Handle, LeaseInfo, ObjectCheck, PlannedTask,
+    QueueStats, SchedulerOptions,
+};
+use crate::catalog::{ArgPiece, Catalog, RenderContext};
+use crate::error::{Error, Result};
+use crate::logs::{Event, LogBus};
+use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs, now_ms};
+use crate::reconcile::{QueueEntry, QueueView};
+use crate::store::{self, AttemptEnd, LogRow, NewTask};
+
+/// How often leases are checked for expiry and delayed tasks promoted.
+const TICK: Duration = Duration::from_millis(200);
+/// The most commands applied in one transaction.
+const MAX_BATCH: usize = 2048;
+/// How long `unavailable` data waits before it is looked for again.
+const DEFAULT_RECHECK_AFTER_MS: i64 = 24 * 3600 * 1000;
+/// The exit code for data that does not exist yet (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: i32 = 69;
+/// At most this many log lines are kept from one LogLines message.
+const MAX_LINES_PER_MESSAGE: usize = 1000;
+/// Log lines longer than this are cut.
+const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// A pending or leased task.
+#[derive(Debug)]
+struct Active {
+    id: TaskId,
+    source: Arc<str>,
+    scraper: Arc<str>,
+    partition: Partition,
+    keys: Vec<String>,
+    priority: Priority,
+    attempts: u32,
+    ready_at: UnixMs,
+    lease: Option<Lease>,
+    progress: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    id: LeaseId,
+    agent: AgentId,
+    deadline: UnixMs,
+}
+
+/// A connected agent.
+#[derive(Debug)]
+struct Agent {
+    conn_id: u64,
+    hostname: String,
+    labels: BTreeMap<String, String>,
+    slots: u32,
+    version: String,
+    address: String,
+    connected_at: UnixMs,
+    last_seen: UnixMs,
+    tx: AgentTx,
+    running: BTreeSet<LeaseId>,
+    eligible: Vec<Arc<str>>,
+    draining: bool,
+}
+
+/// What a finished lease means for its task.
+#[derive(Debug)]
+enum Verdict {
+    Done,
+    Unavailable,
+    Failed {
+        outcome: &'static str,
+        error: String,
+    },
+}
+
+/// Work to do after the batch's transaction has committed, in order.
+#[derive(Default)]
+struct Effects {
+    after: Vec<Box<dyn FnOnce() + Send>>,
+    logs: Vec<Arc<LogRow>>,
+}
+
+impl Effects {
+    fn then(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.after.push(Box::new(f));
+    }
+
+    fn reply<T: Send + 'static>(&mut self, tx: tokio::sync::oneshot::Sender<T>, value: T) {
+        self.then(move || {
+            let _ = tx.send(value);
+        });
+    }
+
+    fn send(&mut self, tx: &AgentTx, kind: Out) {
+        let tx = tx.clone();
+        self.then(move || {
+            let _ = tx.send(Ok(pb::ServerMessage { kind: Some(kind) }));
+        });
+    }
+}
+
+struct State {
+    catalog: Arc<Catalog>,
+    opts: SchedulerOptions,
+    tasks: HashMap<TaskId, Active>,
+    by_partition: HashMap<(Arc<str>, String), TaskId>,
+    leases: HashMap<LeaseId, TaskId>,
+    queue: ReadyQueue,
+    agents: BTreeMap<AgentId, Agent>,
+    names: HashMap<String, Arc<str>>,
+    dispatch_enabled: bool,
+    rr: usize,
+}
+
+/// Loads the queue from the store and starts the scheduler thread.
+pub fn spawn(
+    conn: Connection,
+    catalog: Arc<Catalog>,
+    opts: SchedulerOptions,
+    logs: LogBus,
+) -> Result<(Handle, std::thread::JoinHandle<Result<()>>)> {
+    let mut state = State {
+        catalog: catalog.clone(),
+        opts,
+        tasks: HashMap::new(),
+        by_partition: HashMap::new(),
+        leases: HashMap::new(),
+        queue: ReadyQueue::default(),
+        agents: BTreeMap::new(),
+        names: HashMap::new(),
+        dispatch_enabled: false,
+        rr: 0,
+    };
+    let now = now_ms();
+    let rows = store::load_active(&conn)?;
+    let (mut pending, mut leased) = (0u64, 0u64);
+    for row in rows {
+        let source = state.intern(&row.source);
+        let scraper = state.intern(&row.scraper);
+        // A restarted server gives every lease a fresh deadline so its agent
+        // has time to reconnect and re-attach it.
+        let lease = row.lease.map(|(id, agent)| Lease {
+            id,
+            agent,
+            deadline: now + state.lease_ttl_ms(),
+        });
+        match &lease {
+            Some(l) => {
+                state.leases.insert(l.id.clone(), row.id);
+                leased += 1;
+            }
+            None => {
+                state
+                    .queue
+                    .insert(&scraper, row.priority, row.ready_at, row.id, now);
+                pending += 1;
+            }
+        }
+        state
+            .by_partition
+            .insert((source.clone(), row.partition.key()), row.id);
+        state.tasks.insert(
+            row.id,
+            Active {
+                id: row.id,
+                source,
+                scraper,
+                partition: row.partition,
+                keys: row.expected_keys,
+                priority: row.priority,
+                attempts: row.attempts,
+                ready_at: row.ready_at,
+                lease,
+                progress: 0.0,
+            },
+        );
+    }
+    info!(pending, leased, "scheduler loaded the queue");
+    let (tx, rx) = mpsc::channel();
+    let handle = Handle {
+        tx,
+        logs: logs.clone(),
+        catalog,
+    };
+    let thread = std::thread::Builder::new()
+        .name("adce-scheduler".into())
+        .spawn(move || run(conn, state, logs, rx))
+        .map_err(|e| Error::Internal(format!("cannot start scheduler thread: {e}")))?;
+    Ok((handle, thread))
+}
+
+fn run(
+    mut conn: Connection,
+    mut state: State,
+    logs: LogBus,
+    rx: mpsc::Receiver<Command>,
+) -> Result<()> {
+    let mut next_tick = Instant::now();
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let mut batch = Vec::new();
+        match rx.recv_timeout(wait) {
+            Ok(cmd) => batch.push(cmd),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let mut fx = Effects::default();
+        let mut stop = None;
+        let txn = conn.transaction()?;
+        for cmd in batch {
+            if let Command::Shutdown { reply } = cmd {
+                stop = Some(reply);
+                continue;
+            }
+            state.handle(&txn, &mut fx, cmd)?;
+        }
+        if Instant::now() >= next_tick {
+            state.tick(&txn, &mut fx)?;
+            next_tick = Instant::now() + TICK;
+        }
+        if stop.is_none() {
+            state.dispatch(&txn, &mut fx)?;
+        }
+        txn.commit()
+            .inspect_err(|e| error!(error = %e, "store commit failed"))?;
+        for row in fx.logs {
+            logs.publish(row);
+        }
+        for f in fx.after {
+            f();
+        }
+        if let Some(reply) = stop {
+            let _ = reply.send(());
+            return Ok(());
+        }
+    }
+}
+
+impl State {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        self.names
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::from(name))
+            .clone()
+    }
+
+    fn lease_ttl_ms(&self) -> i64 {
+        i64::try_from(self.opts.lease_ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn log(&self, tx: &Transaction<'_>, fx: &mut Effects, row: LogRow) -> Result<()> {
+        let mut row = row;
+        row.seq = store::insert_log(tx, &row)?;
+        fx.logs.push(Arc::new(row));
+        Ok(())
+    }
+
+    fn handle(&mut self, tx: &Transaction<'_>, fx: &mut Effects, cmd: Command) -> Result<()> {
+        match cmd {
+            Command::Connect {
+                hello,
+                address,
+                conn_id,
+                tx: agent_tx,
+                reply,
+            } => {
+                let result = self.connect(tx, fx, hello, address, conn_id, agent_tx);
+                match result {
+                    Ok(()) => fx.reply(reply, Ok(())),
+                    Err(Error::Store(e)) => return Err(Error::Store(e)),
+                    Err(e) => fx.reply(reply, Err(e)),
+                }
+            }
+            Command::Disconnect { agent, conn_id } => self.disconnect(tx, fx, &agent, conn_id)?,
+            Command::FromAgent { agent, event } => self.from_agent(tx, fx, &agent, event)?,
+            Command::LeaseInfo {
+                lease,
+                agent,
+                reply,
+            } => {
+                let info = self.lease_info(&lease, agent.as_ref());
+                fx.reply(reply, info);
+            }
+            Command::RecordUpload {
+                lease,
+                key,
+                size,
+                sha256,
+                reply,
+            } => {
+                let result = match self.lease_info(&lease, None) {
+                    Ok(info) => {
+                        store::insert_upload(
+                            tx,
+                            info.task_id,
+                            info.attempt,
+                            &lease,
+                            &key,
+                            size,
+                            &sha256,
+                            now_ms(),
+                        )?;
+                        let agent = self.tasks[&info.task_id]
+                            .lease
+                            .as_ref()
+                            .map(|l| l.agent.0.clone())
+                            .unwrap_or_default();
+                        self.log(
+                            tx,
+                            fx,
+                            Event::new(
+                                pb::LogLevel::Debug,
+                                format!("uploaded {key} ({size} bytes)"),
+                            )
+                            .task(info.task_id)
+                            .agent(agent)
+                            .source(info.source)
+                            .row(),
+                        )?;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                fx.reply(reply, result);
+            }
+            Command::Complete {
+                agent,
+                result,
+                check,
+                reply,
+            } => {
+                let outcome = self.complete(tx, fx, &agent, result, check);
+                match outcome {
+                    Err(Error::Store(e)) => return Err(Error::Store(e)),
+                    other => fx.reply(reply, other),
+                }
+            }
+            Command::ApplyPlan {
+                tasks,
+                observed_at,
+                reply,
+            } => {
+                let created = self.apply_plan(tx, fx, &tasks, observed_at)?;
+                fx.reply(reply, Ok(created));
+            }
+            Command::QueueView { reply } => {
+                let view = self.queue_view(tx);
+                match view {
+                    Err(Error::Store(e)) => return Err(Error::Store(e)),
+                    other => fx.reply(reply, other),
+                }
+            }
+            Command::SetDispatch { enabled } => {
+                if self.dispatch_enabled != enabled {
+                    debug!(enabled, "dispatch switched");
+                }
+                self.dispatch_enabled = enabled;
+            }
+            Command::Stats { reply } => {
+                let leased = self.leases.len() as u64;
+                fx.reply(
+                    reply,
+                    QueueStats {
+                        ready: self.queue.ready_len() as u64,
+                        delayed: self.queue.delayed_len() as u64,
+                        leased,
+                        dispatching: self.dispatch_enabled,
+                    },
+                );
+            }
+            Command::Agents { reply } => {
+                let agents = self.agent_snapshots();
+                fx.reply(reply, agents);
+            }
+            Command::Progress { reply } => {
+                let progress = self
+                    .tasks
+                    .values()
+                    .filter(|t| t.lease.is_some())
+                    .map(|t| (t.id, t.progress))
+                    .collect();
+                fx.reply(reply, progress);
+            }
+            Command::Log(row) => self.log(tx, fx, row)?,
+            Command::DrainAll { reason } => {
+                for agent in self.agents.values_mut() {
+                    agent.draining = true;
+                    fx.send(
+                        &agent.tx,
+                        Out::Drain(pb::Drain {
+                            reason: reason.clone(),
+                        }),
+                    );
+                }
+            }
+            Command::Shutdown { reply } => fx.reply(reply, ()),
+        }
+        Ok(())
+    }
+
+    fn agent_snapshots(&self) -> Vec<AgentSnapshot> {
+        self.agents
+            .iter()
+            .map(|(id, a)| AgentSnapshot {
+                id: id.clone(),
+                hostname: a.hostname.clone(),
+                labels: a.labels.clone(),
+                slots: a.slots,
+                version: a.version.clone(),
+                address: a.address.clone(),
+                connected_at: a.connected_at,
+                last_seen: a.last_seen,
+                running: a
+                    .running
+                    .iter()
+                    .filter_map(|l| self.leases.get(l).copied())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn connect(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        hello: pb::Hello,
+        address: String,
+        conn_id: u64,
+        agent_tx: AgentTx,
+    ) -> Result<()> {
+        if hello.agent_id.is_empty()
+            || hello.agent_id.len() > 128
+            || hello.agent_id.chars().any(char::is_control)
+        {
+            return Err(Error::InvalidArgument(
+                "agent id must be 1 to 128 printable characters".into(),
+            ));
+        }
+        if hello.slots == 0 || hello.slots > 1024 {
+            return Err(Error::InvalidArgument(format!(
+                "slots must be between 1 and 1024, got {}",
+                hello.slots
+            )));
+        }
+        let now = now_ms();
+        let id = AgentId(hello.agent_id.clone());
+        let eligible: Vec<Arc<str>> = self
+            .catalog
+            .scrapers
+            .iter()
+            .filter(|(_, s)| {
+                s.requires
+                    .iter()
+                    .all(|(k, v)| hello.labels.get(k) == Some(v))
+            })
+            .map(|(name, _)| name.clone())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|name| self.intern(&name))
+            .collect();
+        let replaced = self.agents.remove(&id).is_some();
+        let mut agent = Agent {
+            conn_id,
+            hostname: hello.hostname.clone(),
+            labels: hello.labels.clone().into_iter().collect(),
+            slots: hello.slots,
+            version: hello.version.clone(),
+            address: address.clone(),
+            connected_at: now,
+            last_seen: now,
+            tx: agent_tx,
+            running: BTreeSet::new(),
+            eligible,
+            draining: false,
+        };
+        fx.send(
+            &agent.tx,
+            Out::Welcome(pb::Welcome {
+                agent_id: id.0.clone(),
+                heartbeat_interval_ms: u64::try_from(self.opts.heartbeat_interval.as_millis())
+                    .unwrap_or(u64::MAX),
+                lease_ttl_ms: u64::try_from(self.opts.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+                server_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+        );
+        // Re-attach the leases the agent still runs; cancel the ones that are
+        // no longer live.
+        let claimed: BTreeSet<LeaseId> = hello
+            .running_leases
+            .iter()
+            .map(|l| LeaseId(l.clone()))
+            .collect();
+        let mut reattached = 0;
+        for lease in &claimed {
+            let live = self
+                .leases
+                .get(lease)
+                .and_then(|task| self.tasks.get_mut(task))
+                .and_then(|t| t.lease.as_mut())
+                .filter(|l| l.agent == id);
+            match live {
+                Some(l) => {
+                    l.deadline = now + i64::try_from(self.opts.lease_ttl.as_millis()).unwrap_or(0);
+                    agent.running.insert(lease.clone());
+                    reattached += 1;
+                }
+                None => fx.send(
+                    &agent.tx,
+                    Out::Cancel(pb::Cancel {
+                        lease_id: lease.0.clone(),
+                        reason: "lease is no longer live".into(),
+                    }),
+                ),
+            }
+        }
+        // Leases the server thinks this agent holds but it does not run were
+        // lost with its previous process.
+        let lost: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| {
+                t.lease
+                    .as_ref()
+                    .is_some_and(|l| l.agent == id && !claimed.contains(&l.id))
+            })
+            .map(|t| t.id)
+            .collect();
+        store::upsert_agent(
+            tx,
+            &store::AgentRow {
+                id: id.clone(),
+                hostname: agent.hostname.clone(),
+                labels: agent.labels.clone(),
+                slots: agent.slots,
+                version: agent.version.clone(),
+                address,
+                connected_at: now,
+                last_seen: now,
+            },
+        )?;
+        info!(agent = %id, slots = agent.slots, reattached, lost = lost.len(), replaced, "agent connected");
+        self.log(
+            tx,
+            fx,
+            Event::info(format!(
+                "agent connected from {} with {} slots{}",
+                agent.address,
+                agent.slots,
+                if reattached > 0 {
+                    format!(", re-attached {reattached} running tasks")
+                } else {
+                    String::new()
+                }
+            ))
+            .agent(id.0.clone())
+            .row(),
+        )?;
+        self.agents.insert(id.clone(), agent);
+        for task in lost {
+            self.finish_lease(
+                tx,
+                fx,
+                task,
+                None,
+                Verdict::Failed {
+                    outcome: "lost",
+                    error: format!("agent {id} restarted and no longer runs the task"),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn disconnect(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        id: &AgentId,
+        conn_id: u64,
+    ) -> Result<()> {
+        if self.agents.get(id).is_none_or(|a| a.conn_id != conn_id) {
+            return Ok(());
+        }
+        let agent = self.agents.remove(id);
+        let running = agent.map_or(0, |a| a.running.len());
+        let now = now_ms();
+        store::touch_agent(tx, id, now)?;
+        info!(agent = %id, running, "agent disconnected");
+        self.log(
+            tx,
+            fx,
+            Event::info(format!(
+                "agent disconnected with {running} running tasks (their leases expire unless it reconnects)"
+            ))
+            .agent(id.0.clone())
+            .row(),
+        )
+    }
+
+    fn from_agent(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        id: &AgentId,
+        event: AgentEvent,
+    ) -> Result<()> {
+        let now = now_ms();
+        let ttl = self.lease_ttl_ms();
+        if let Some(agent) = self.agents.get_mut(id) {
+            agent.last_seen = now;
+        }
+        match event {
+            AgentEvent::Heartbeat(hb) => {
+                for lease in hb.running_leases {
+                    let lease = LeaseId(lease);
+                    if let Some(l) = self
+                        .leases
+                        .get(&lease)
+                        .and_then(|t| self.tasks.get_mut(t))
+                        .and_then(|t| t.lease.as_mut())
+                        .filter(|l| &l.agent == id)
+                    {
+                        l.deadline = now + ttl;
+                    }
+                }
+                store::touch_agent(tx, id, now)?;
+            }
+            AgentEvent::Progress(p) => {
+                if let Ok(info) = self.lease_info(&LeaseId(p.lease_id), Some(id)) {
+                    if let Some(task) = self.tasks.get_mut(&info.task_id) {
+                        task.progress = p.fraction.clamp(0.0, 1.0);
+                    }
+                }
+            }
+            AgentEvent::LogLines(lines) => {
+                let info = match self.lease_info(&LeaseId(lines.lease_id.clone()), Some(id)) {
+                    Ok(info) => info,
+                    Err(e) => {
+                        debug!(agent = %id, error = %e, "log lines for a lease that is not live dropped");
+                        return Ok(());
+                    }
+                };
+                let dropped = lines.lines.len().saturating_sub(MAX_LINES_PER_MESSAGE);
+                for line in lines.lines.into_iter().take(MAX_LINES_PER_MESSAGE) {
+                    let stream = pb::OutputStream::try_from(line.stream)
+                        .unwrap_or(pb::OutputStream::Unspecified);
+                    let level = if stream == pb::OutputStream::Stderr {
+                        pb::LogLevel::Warn
+                    } else {
+                        pb::LogLevel::Info
+                    };
+                    let mut text = line.text;
+                    if text.len() > MAX_LINE_BYTES {
+                        let mut cut = MAX_LINE_BYTES;
+                        while !text.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        text.truncate(cut);
+                        text.push_str(" … [truncated]");
+                    }
+                    let row = LogRow {
+                        seq: 0,
+                        at: if line.unix_ms > 0 { line.unix_ms } else { now },
+                        level: level as i32,
+                        task_id: info.task_id.0,
+                        agent_id: id.0.clone(),
+                        source: info.source.clone(),
+                        stream: stream as i32,
+                        message: text,
+                    };
+                    self.log(tx, fx, row)?;
+                }
+                if dropped > 0 {
+                    self.log(
+                        tx,
+                        fx,
+                        Event::warn(format!(
+                            "{dropped} output lines dropped (too many in one batch)"
+                        ))
+                        .task(info.task_id)
+                        .agent(id.0.clone())
+                        .source(info.source)
+                        .row(),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lease_info(&self, lease: &LeaseId, agent: Option<&AgentId>) -> Result<LeaseInfo> {
+        let not_live = || {
+            Error::FailedPrecondition(format!(
+                "lease {lease} is not live (it expired, finished or was reassigned)"
+            ))
+        };
+        let task_id = *self.leases.get(lease).ok_or_else(not_live)?;
+        let task = self.tasks.get(&task_id).ok_or_else(not_live)?;
+        let held = task.lease.as_ref().ok_or_else(not_live)?;
+        if let Some(agent) = agent {
+            if &held.agent != agent {
+                return Err(Error::FailedPrecondition(format!(
+                    "lease {lease} is held by another agent"
+                )));
+            }
+        }
+        let min_bytes = self.catalog.source(&task.source).map_or(1, |s| s.min_bytes);
+        Ok(LeaseInfo {
+            task_id,
+            source: task.source.to_string(),
+            attempt: task.attempts,
+            expected_keys: task.keys.clone(),
+            min_bytes,
+        })
+    }
+
+    fn complete(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        agent: &AgentId,
+        result: pb::TaskResult,
+        check: ObjectCheck,
+    ) -> Result<()> {
+        let lease = LeaseId(result.lease_id.clone());
+        let info = match self.lease_info(&lease, Some(agent)) {
+            Ok(info) => info,
+            Err(e) => {
+                warn!(agent = %agent, lease = %lease, "late result refused");
+                self.log(
+                    tx,
+                    fx,
+                    Event::warn(format!("result for lease {lease} refused: {e}"))
+                        .agent(agent.0.clone())
+                        .row(),
+                )?;
+                return Err(e);
+            }
+        };
+        let outcome = pb::Outcome::try_from(result.outcome).unwrap_or(pb::Outcome::Unspecified);
+        let message = result.message.trim();
+        let with_message = |prefix: String| {
+            if message.is_empty() {
+                prefix
+            } else {
+                format!("{prefix}: {message}")
+            }
+        };
+        let verdict = match outcome {
+            pb::Outcome::Exited if result.exit_code == 0 => {
+                if let Some(key) = check.missing.first() {
+                    Verdict::Failed {
+                        outcome: "failed",
+                        error: format!(
+                            "expected object {key} was not produced (the scraper exited 0{})",
+                            if check.missing.len() > 1 {
+                                format!("; {} objects missing in all", check.missing.len())
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    }
+                } else if let Some((key, size)) = check.too_small.first() {
+                    Verdict::Failed {
+                        outcome: "failed",
+                        error: format!(
+                            "object {key} is {size} bytes, below min_bytes {}",
+                            info.min_bytes
+                        ),
+                    }
+                } else {
+                    Verdict::Done
+                }
+            }
+            pb::Outcome::Exited if result.exit_code == EXIT_UNAVAILABLE => Verdict::Unavailable,
+            pb::Outcome::Exited => Verdict::Failed {
+                outcome: "failed",
+                error: with_message(format!("exit code {}", result.exit_code)),
+            },
+            pb::Outcome::TimedOut => Verdict::Failed {
+                outcome: "timed_out",
+                error: with_message("timed out".into()),
+            },
+            pb::Outcome::Cancelled => Verdict::Failed {
+                outcome: "cancelled",
+                error: with_message("cancelled on the agent".into()),
+            },
+            pb::Outcome::SpawnFailed => Verdict::Failed {
+                outcome: "spawn_failed",
+                error: with_message("cannot start the scraper".into()),
+            },
+            pb::Outcome::UploadFailed => Verdict::Failed {
+                outcome: "upload_failed",
+                error: with_message("upload failed".into()),
+            },
+            pb::Outcome::Signaled => Verdict::Failed {
+                outcome: "signaled",
+                error: with_message(format!("killed by signal {}", result.signal)),
+            },
+            pb::Outcome::Unspecified => Verdict::Failed {
+                outcome: "failed",
+                error: "the agent reported no outcome".into(),
+            },
+        };
+        let exit_code = matches!(outcome, pb::Outcome::Exited | pb::Outcome::UploadFailed)
+            .then_some(result.exit_code);
+        self.finish_lease(tx, fx, info.task_id, exit_code, verdict)
+    }
+
+    /// Ends the live lease of `id` with `verdict` and moves the task on.
+    fn finish_lease(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        id: TaskId,
+        exit_code: Option<i32>,
+        verdict: Verdict,
+    ) -> Result<()> {
+        let now = now_ms();
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some(lease) = task.lease.take() else {
+            return Ok(());
+        };
+        task.progress = 0.0;
+        self.leases.remove(&lease.id);
+        if let Some(agent) = self.agents.get_mut(&lease.agent) {
+            agent.running.remove(&lease.id);
+        }
+        let attempt = task.attempts;
+        let source = task.source.clone();
+        let scraper = task.scraper.clone();
+        let event_base = |e: Event| {
+            e.task(id)
+                .agent(lease.agent.0.clone())
+                .source(source.to_string())
+        };
+        match verdict {
+            Verdict::Done => {
+                store::end_attempt(
+                    tx,
+                    &AttemptEnd {
+                        task: id,
+                        number: attempt,
+                        exit_code,
+                        outcome: "succeeded",
+                        error: "",
+                    },
+                    now,
+                )?;
+                store::set_task_state(tx, id, TaskState::Done, now, "", now)?;
+                self.forget(id);
+                self.log(
+                    tx,
+                    fx,
+                    event_base(Event::info(format!("task done (attempt {attempt})"))).row(),
+                )?;
+            }
+            Verdict::Unavailable => {
+                store::end_attempt(
+                    tx,
+                    &AttemptEnd {
+                        task: id,
+                        number: attempt,
+                        exit_code,
+                        outcome: "unavailable",
+                        error: "",
+                    },
+                    now,
+                )?;
+                store::set_task_state(
+                    tx,
+                    id,
+                    TaskState::Unavailable,
+                    now + DEFAULT_RECHECK_AFTER_MS,
+                    "the data does not exist yet (exit 69)",
+                    now,
+                )?;
+                self.forget(id);
+                self.log(
+                    tx,
+                    fx,
+                    event_base(Event::info(
+                        "data not available yet; checking again later".to_string(),
+                    ))
+                    .row(),
+                )?;
+            }
+            Verdict::Failed { outcome, error } => {
+                store::end_attempt(
+                    tx,
+                    &AttemptEnd {
+                        task: id,
+                        number: attempt,
+                        exit_code,
+                        outcome,
+                        error: &error,
+                    },
+                    now,
+                )?;
+                let retry = self
+                    .catalog
+                    .scrapers
+                    .get(&*scraper)
+                    .map(|s| s.retry.clone());
+                let max_attempts = retry.as_ref().map_or(3, |r| r.max_attempts.max(1));
+                if attempt >= max_attempts {
+                    store::set_task_state(tx, id, TaskState::Dead, now, &error, now)?;
+                    self.forget(id);
+                    self.log(
+                        tx,
+                        fx,
+                        event_base(Event::error(format!(
+                            "task dead after {attempt} attempts: {error}"
+                        )))
+                        .row(),
+                    )?;
+                } else {
+                    let delay = retry.as_ref().map_or(30_000, |r| {
+                        backoff_ms(
+                            r.backoff,
+                            r.multiplier,
+                            r.max_backoff,
+                            r.jitter,
+                            attempt,
+                            rand::random::<f64>(),
+                        )
+                    });
+                    // A lost lease is not the task's fault: run it again at once.
+                    let ready_at = if outcome == "lost" { now } else { now + delay };
+                    store::set_task_state(tx, id, TaskState::Pending, ready_at, &error, now)?;
+                    if let Some(task) = self.tasks.get_mut(&id) {
+                        task.ready_at = ready_at;
+                        let (scraper, priority) = (task.scraper.clone(), task.priority);
+                        self.queue.insert(&scraper, priority, ready_at, id, now);
+                    }
+                    self.log(
+                        tx,
+                        fx,
+                        event_base(Event::warn(format!(
+                            "attempt {attempt} failed: {error}; retrying in {}",
+                            humantime::format_duration(Duration::from_millis(
+                                u64::try_from(ready_at - now).unwrap_or(0) / 1000 * 1000
+                            ))
+                        )))
+                        .row(),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a task that left the active states from memory.
+    fn forget(&mut self, id: TaskId) {
+        if let Some(task) = self.tasks.remove(&id) {
+            self.queue
+                .remove(&task.scraper, task.priority, task.ready_at, id);
+            self.by_partition
+                .remove(&(task.source.clone(), task.partition.key()));
+        }
+    }
+
+    fn apply_plan(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        tasks: &[PlannedTask],
+        observed_at: UnixMs,
+    ) -> Result<u64> {
+        let now = now_ms();
+        let mut created = 0;
+        for planned in tasks {
+            let source = self.intern(&planned.source);
+            let key = (source.clone(), planned.partition.key());
+            if self.by_partition.contains_key(&key) {
+                continue;
+            }
+            let new = NewTask {
+                source: &planned.source,
+                partition: &planned.partition,
+                scraper: &planned.scraper,
+                priority: planned.priority,
+                reason: planned.reason,
+                expected_keys: &planned.keys,
+            };
+            let Some(id) = store::upsert_task(tx, &new, now, observed_at)? else {
+                continue;
+            };
+            let scraper = self.intern(&planned.scraper);
+            self.queue.insert(&scraper, planned.priority, now, id, now);
+            self.by_partition.insert(key, id);
+            self.tasks.insert(
+                id,
+                Active {
+                    id,
+                    source,
+                    scraper,
+                    partition: planned.partition.clone(),
+                    keys: planned.keys.clone(),
+                    priority: planned.priority,
+                    attempts: 0,
+                    ready_at: now,
+                    lease: None,
+                    progress: 0.0,
+                },
+            );
+            created += 1;
+        }
+        if created > 0 {
+            self.log(
+                tx,
+                fx,
+                Event::info(format!("reconcile queued {created} tasks")).row(),
+            )?;
+        }
+        Ok(created)
+    }
+
+    fn queue_view(&self, tx: &Transaction<'_>) -> Result<QueueView> {
+        let mut view = QueueView::with_capacity(self.by_partition.len());
+        for ((source, key), _) in &self.by_partition {
+            view.insert((source.to_string(), key.clone()), QueueEntry::Active);
+        }
+        for (source, key, state, ready_at) in store::blocking_terminal(tx)? {
+            let entry = match state {
+                TaskState::Dead => QueueEntry::Dead,
+                TaskState::Cancelled => QueueEntry::Cancelled,
+                TaskState::Unavailable => QueueEntry::Unavailable {
+                    recheck_at: ready_at,
+                },
+                TaskState::Pending | TaskState::Leased | TaskState::Done => continue,
+            };
+            view.insert((source, key), entry);
+        }
+        Ok(view)
+    }
+
+    fn tick(&mut self, tx: &Transaction<'_>, fx: &mut Effects) -> Result<()> {
+        let now = now_ms();
+        self.queue.promote(now);
+        let expired: Vec<(TaskId, AgentId)> = self
+            .tasks
+            .values()
+            .filter_map(|t| {
+                t.lease
+                    .as_ref()
+                    .filter(|l| l.deadline < now)
+                    .map(|l| (t.id, l.agent.clone()))
+            })
+            .collect();
+        for (id, agent) in expired {
+            warn!(task = %id, agent = %agent, "lease expired");
+            self.finish_lease(
+                tx,
+                fx,
+                id,
+                None,
+                Verdict::Failed {
+                    outcome: "lost",
+                    error: format!("lease expired: agent {agent} stopped heartbeating"),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, tx: &Transaction<'_>, fx: &mut Effects) -> Result<()> {
+        if !self.dispatch_enabled || self.queue.ready_len() == 0 || self.agents.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
+        loop {
+            let mut assigned = false;
+            for i in 0..ids.len() {
+                let agent_id = &ids[(self.rr + i) % ids.len()];
+                let Some(agent) = self.agents.get(agent_id) else {
+                    continue;
+                };
+                if agent.draining || agent.running.len() >= agent.slots as usize {
+                    continue;
+                }
+                let Some((key, scraper)) = self.queue.best(agent.eligible.iter()) else {
+                    continue;
+                };
+                self.queue.pop(&scraper);
+                self.assign(tx, fx, agent_id, key.2)?;
+                assigned = true;
+            }
+            self.rr = self.rr.wrapping_add(1);
+            if !assigned || self.queue.ready_len() == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn assign(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        agent_id: &AgentId,
+        id: TaskId,
+    ) -> Result<()> {
+        let now = now_ms();
+        let ttl = self.lease_ttl_ms();
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return Ok(());
+        };
+        let attempt = task.attempts + 1;
+        let lease = LeaseId::generate();
+        store::lease_task(tx, id, attempt, &lease, agent_id, now)?;
+        task.attempts = attempt;
+        task.lease = Some(Lease {
+            id: lease.clone(),
+            agent: agent_id.clone(),
+            deadline: now + ttl,
+        });
+        self.leases.insert(lease.clone(), id);
+        let task = &self.tasks[&id];
+        let assign = build_assign(&self.catalog, &self.opts, task, &lease, attempt);
+        let source = task.source.to_string();
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return Ok(());
+        };
+        agent.running.insert(lease.clone());
+        match assign {
+            Ok(assign) => {
+                fx.send(&agent.tx, Out::Assign(assign));
+                self.log(
+                    tx,
+                    fx,
+                    Event::new(
+                        pb::LogLevel::Debug,
+                        format!("assigned (attempt {attempt}, lease {lease})"),
+                    )
+                    .task(id)
+                    .agent(agent_id.0.clone())
+                    .source(source)
+                    .row(),
+                )
+            }
+            Err(error) => self.finish_lease(
+                tx,
+                fx,
+                id,
+                None,
+                Verdict::Failed {
+                    outcome: "failed",
+                    error,
+                },
+            ),
+        }
+    }
+}
+
+/// Builds the Assign message for a task's new lease.
+fn build_assign(
+    catalog: &Catalog,
+    opts: &SchedulerOptions,
+    task: &Active,
+    lease: &LeaseId,
+    attempt: u32,
+) -> Result<pb::Assign, String> {
+    let scraper = catalog
+        .scrapers
+        .get(&*task.scraper)
+        .ok_or_else(|| format!("scraper {} is no longer in the catalog", task.scraper))?;
+    let ctx = RenderContext {
+        partition: &task.partition,
+        task_id: task.id.0,
+        attempt,
+        source: &task.source,
+        config_dir: &opts.config_dir,
+    };
+    let argv = scraper
+        .render_argv(&ctx)
+        .into_iter()
+        .map(|pieces| pb::Arg {
+            parts: pieces
+                .into_iter()
+                .map(|piece| pb::ArgPart {
+                    part: Some(match piece {
+                        ArgPiece::Text(text) => pb::arg_part::Part::Text(text),
+                        ArgPiece::OutputDir => pb::arg_part::Part::OutputDir(true),
+                    }),
+                })
+                .collect(),
+        })
+        .collect();
+    let mut env: HashMap<String, String> = scraper.render_env(&ctx).into_iter().collect();
+    env.insert("ADCE_TASK_ID".into(), task.id.to_string());
+    env.insert("ADCE_ATTEMPT".into(), attempt.to_string());
+    env.insert("ADCE_SOURCE".into(), task.source.to_string());
+    env.insert("ADCE_EXPECTED_KEYS".into(), task.keys.join("\n"));
+    for (name, value) in &task.partition.vars {
+        env.insert(
+            format!("ADCE_VAR_{}", name.to_ascii_uppercase()),
+            value.to_string(),
+        );
+    }
+    Ok(pb::Assign {
+        task_id: task.id.0,
+        lease_id: lease.0.clone(),
+        source: task.source.to_string(),
+        scraper: task.scraper.to_string(),
+        attempt,
+        partition: task.partition.to_pb(),
+        argv,
+        env,
+        timeout_ms: u64::try_from(scraper.timeout.as_millis()).unwrap_or(u64::MAX),
+        expected_keys: task.keys.clone(),
+        priority: pb::Priority::from(task.priority) as i32,
+    })
+}
+
+/// The delay before retry number `attempt` (1-based count of failures so
+/// far): `backoff × multiplier^(attempt-1)`, capped at `max_backoff`, scaled
+/// by a jitter factor in `[1 - jitter, 1 + jitter]` chosen by `unit` in [0, 1).
+pub fn backoff_ms(
+    backoff: Duration,
+    multiplier: f64,
+    max_backoff: Duration,
+    jitter: f64,
+    attempt: u32,
+    unit: f64,
+) -> i64 {
+    let exp = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+    let base = backoff.as_millis() as f64 * multiplier.max(1.0).powi(exp);
+    let capped = base.min(max_backoff.as_millis() as f64);
+    let jitter = jitter.clamp(0.0, 1.0);
+    let factor = 1.0 - jitter + 2.0 * jitter * unit.clamp(0.0, 1.0);
+    (capped * factor).round() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters_within_bounds() {
+        let b = Duration::from_secs(1);
+        let max = Duration::from_secs(10);
+        assert_eq!(backoff_ms(b, 2.0, max, 0.0, 1, 0.5), 1000);
+        assert_eq!(backoff_ms(b, 2.0, max, 0.0, 2, 0.5), 2000);
+        assert_eq!(backoff_ms(b, 2.0, max, 0.0, 3, 0.5), 4000);
+        assert_eq!(backoff_ms(b, 2.0, max, 0.0, 10, 0.5), 10_000);
+        assert_eq!(backoff_ms(b, 2.0, max, 0.1, 1, 0.0), 900);
+        assert_eq!(backoff_ms(b, 2.0, max, 0.1, 1, 1.0), 1100);
+        assert_eq!(backoff_ms(b, 2.0, max, 0.0, u32::MAX, 0.5), 10_000);
+    }
+}

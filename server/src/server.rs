@@ -1,0 +1,206 @@
+//! Assembles and runs the server: store, scheduler, loop, gRPC services
+//! (gateway, control, health, reflection) on a listener the caller binds, until
+//! the caller's shutdown future completes. Shutdown order: health goes
+//! NOT_SERVING, the loop stops, agents are told to drain, the scheduler
+//! commits and stops (ending agents' streams), then the transport closes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adce_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tracing::{error, info, warn};
+
+use crate::autoloop::{self, LoopOptions};
+use crate::catalog::Catalog;
+use crate::config::{Config, LakeConfig};
+use crate::control::ControlService;
+use crate::error::{Error, Result};
+use crate::gateway::Gateway;
+use crate::lake::{LocalLake, SharedLake};
+use crate::logs::{Event, LogBus};
+use crate::scheduler::{self, Command, SchedulerOptions};
+use crate::store::{self, Readers};
+
+/// Health names of the server's components, beside `""` and each service.
+pub const COMPONENTS: [&str; 4] = [
+    "adce.store",
+    "adce.lake",
+    "adce.reconciler",
+    "adce.dispatcher",
+];
+/// HTTP/2 keepalive pings detect half-open agent connections.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the transport may take to close once everything else stopped.
+const TRANSPORT_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Opens the lake the config names.
+pub fn open_lake(config: &Config) -> Result<SharedLake> {
+    match &config.lake {
+        LakeConfig {
+            local: Some(local), ..
+        } => Ok(Arc::new(LocalLake::open(&local.root)?)),
+        _ => Err(Error::InvalidArgument(
+            "the config names no usable lake backend".into(),
+        )),
+    }
+}
+
+/// Runs the server on `listener` until `shutdown` completes or a component
+/// fails. Everything is stopped and durable when it returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let catalog = Arc::new(Catalog::from_config(&config));
+    let lake = open_lake(&config)?;
+    let lake_name = lake.describe();
+    let state_dir = config.server.state_dir.clone();
+    let conn = store::open_writer(&state_dir)?;
+    let readers = Arc::new(Readers::new(&state_dir));
+    let logs = LogBus::default();
+    let (sched, sched_thread) = scheduler::spawn(
+        conn,
+        catalog.clone(),
+        SchedulerOptions {
+            heartbeat_interval: config.server.heartbeat_interval,
+            lease_ttl: config.server.lease_ttl,
+            config_dir: config.config_dir.clone(),
+        },
+        logs,
+    )?;
+
+    let token = CancellationToken::new();
+    // A failed scheduler (store failure) stops the whole server.
+    let sched_failed = {
+        let token = token.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = sched_thread
+                .join()
+                .unwrap_or_else(|_| Err(Error::Internal("scheduler panicked".into())));
+            if let Err(e) = &result {
+                error!(error = %e, "scheduler stopped; shutting down");
+            }
+            token.cancel();
+            result
+        })
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ["", "adce.v1.Control", "adce.v1.AgentGateway"]
+        .into_iter()
+        .chain(COMPONENTS)
+    {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    if let Err(e) = lake.probe().await {
+        warn!(error = %e, "lake is not reachable");
+        health
+            .set_service_status("adce.lake", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let loop_token = token.child_token();
+    let (loop_handle, loop_join) = autoloop::spawn(
+        LoopOptions {
+            enabled: config.r#loop.enabled,
+            reconcile_interval: config.r#loop.reconcile_interval,
+            queue_check_interval: config.r#loop.queue_check_interval,
+            dispatch_threshold: config.r#loop.dispatch_threshold,
+            max_cycle_runtime: config.r#loop.max_cycle_runtime,
+        },
+        catalog.clone(),
+        lake.clone(),
+        sched.clone(),
+        "listing".into(),
+        loop_token.clone(),
+    );
+
+    let gateway = Gateway::new(sched.clone(), lake.clone(), config.server.max_upload_bytes);
+    let control = ControlService::new(
+        sched.clone(),
+        readers,
+        loop_handle,
+        lake_name.clone(),
+        token.clone(),
+    );
+    let addr = listener.local_addr().ok();
+    info!(?addr, lake = %lake_name, state_dir = %state_dir.display(), sources = catalog.sources.len(), "adce-server serving");
+    sched.log(
+        Event::info(format!(
+            "server {} started on {} (lake {lake_name})",
+            env!("CARGO_PKG_VERSION"),
+            addr.map(|a| a.to_string()).unwrap_or_default()
+        ))
+        .row(),
+    );
+
+    // The caller's shutdown, or a failed component, starts the stop sequence.
+    let stopping = {
+        let token = token.clone();
+        let health = health.clone();
+        let sched = sched.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => info!("shutdown requested"),
+                () = token.cancelled() => {}
+            }
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            loop_token.cancel();
+            let _ = loop_join.await;
+            let _ = sched.send(Command::DrainAll {
+                reason: "server is shutting down".into(),
+            });
+            sched.log(Event::info("server shutting down").row());
+            // Committing and stopping the scheduler ends every agent stream.
+            let _ = sched.call(|reply| Command::Shutdown { reply }).await;
+            token.cancel();
+        }
+    };
+    let serve_token = token.clone();
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::agent_gateway_server::AgentGatewayServer::new(gateway))
+        .add_service(pb::control_server::ControlServer::new(control))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            serve_token.cancelled().await;
+        });
+    let stop_task = tokio::spawn(stopping);
+    let serve_task = tokio::spawn(serve);
+    token.cancelled().await;
+    let _ = stop_task.await;
+    match tokio::time::timeout(TRANSPORT_CLOSE_GRACE, serve_task).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "transport ended with an error"),
+        Err(_) => warn!("transport did not close in time; stopping anyway"),
+        _ => {}
+    }
+    let sched_result = sched_failed
+        .await
+        .map_err(|e| Error::Internal(format!("scheduler watcher: {e}")))?;
+    info!("adce-server stopped");
+    sched_result
+}

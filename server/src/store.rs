@@ -1,0 +1,898 @@
+//! The durable state store: SQLite in WAL mode under `state_dir`. Owns the
+//! schema and every SQL statement. Writes go through the scheduler's single
+//! write connection (one transaction per batch); reads use their own
+//! connections from a small pool so they never wait on the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+
+use crate::error::{Error, Result};
+use crate::model::{
+    AgentId, GapReason, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs, Value,
+};
+
+/// The store's file name inside `state_dir`.
+pub const DB_FILE: &str = "adce.db";
+
+/// How many idle read connections are kept.
+const READ_POOL_SIZE: usize = 4;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS tasks (
+    id             INTEGER PRIMARY KEY,
+    source         TEXT    NOT NULL,
+    partition_key  TEXT    NOT NULL,
+    partition_json TEXT    NOT NULL,
+    scraper        TEXT    NOT NULL,
+    state          TEXT    NOT NULL,
+    priority       INTEGER NOT NULL,
+    reason         TEXT    NOT NULL,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    ready_at       INTEGER NOT NULL,
+    lease_id       TEXT,
+    agent_id       TEXT,
+    last_error     TEXT    NOT NULL DEFAULT '',
+    expected_keys  TEXT    NOT NULL,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL,
+    finished_at    INTEGER,
+    UNIQUE (source, partition_key)
+);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, priority);
+CREATE TABLE IF NOT EXISTS attempts (
+    task_id    INTEGER NOT NULL,
+    number     INTEGER NOT NULL,
+    lease_id   TEXT    NOT NULL,
+    agent_id   TEXT    NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at   INTEGER,
+    exit_code  INTEGER,
+    outcome    TEXT    NOT NULL DEFAULT '',
+    error      TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (task_id, number)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    id         INTEGER PRIMARY KEY,
+    task_id    INTEGER NOT NULL,
+    attempt    INTEGER NOT NULL,
+    lease_id   TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    size       INTEGER NOT NULL,
+    sha256     TEXT    NOT NULL,
+    at         INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    id           TEXT PRIMARY KEY,
+    hostname     TEXT    NOT NULL,
+    labels_json  TEXT    NOT NULL,
+    slots        INTEGER NOT NULL,
+    version      TEXT    NOT NULL,
+    address      TEXT    NOT NULL,
+    connected_at INTEGER NOT NULL,
+    last_seen    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS logs (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       INTEGER NOT NULL,
+    level    INTEGER NOT NULL,
+    task_id  INTEGER NOT NULL DEFAULT 0,
+    agent_id TEXT    NOT NULL DEFAULT '',
+    source   TEXT    NOT NULL DEFAULT '',
+    stream   INTEGER NOT NULL DEFAULT 0,
+    message  TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_task ON logs (task_id, seq);
+"#;
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Opens (creating if needed) the write connection and brings the schema up to date.
+pub fn open_writer(state_dir: &Path) -> Result<Connection> {
+    std::fs::create_dir_all(state_dir).map_err(|e| {
+        Error::Internal(format!(
+            "cannot create state dir {}: {e}",
+            state_dir.display()
+        ))
+    })?;
+    let conn = Connection::open(state_dir.join(DB_FILE))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode survives a process crash (SIGKILL); only an OS crash
+    // or power loss can lose the last transactions.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    configure(&conn)?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// A small pool of read-only connections.
+#[derive(Debug)]
+pub struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    /// Readers of the store in `state_dir` (the writer must have created it).
+    pub fn new(state_dir: &Path) -> Self {
+        Readers {
+            path: state_dir.join(DB_FILE),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with a read connection on a blocking thread.
+    pub async fn with<T, F>(self: &std::sync::Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match this.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+                Some(conn) => conn,
+                None => {
+                    let conn = Connection::open_with_flags(
+                        &this.path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )?;
+                    configure(&conn)?;
+                    conn
+                }
+            };
+            let out = f(&conn);
+            if let Ok(mut idle) = this.idle.lock() {
+                if idle.len() < READ_POOL_SIZE {
+                    idle.push(conn);
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("store reader panicked: {e}")))?
+    }
+}
+
+/// A partition as stored: `[[name, value, "date"|"str"], ...]`.
+pub fn partition_to_json(p: &Partition) -> String {
+    let vars: Vec<[String; 3]> = p
+        .vars
+        .iter()
+        .map(|(name, value)| {
+            let kind = match value {
+                Value::Date(_) => "date",
+                Value::Str(_) => "str",
+            };
+            [name.clone(), value.to_string(), kind.to_string()]
+        })
+        .collect();
+    serde_json::to_string(&vars).unwrap_or_else(|_| "[]".into())
+}
+
+/// The inverse of [`partition_to_json`].
+pub fn partition_from_json(s: &str) -> Result<Partition> {
+    let vars: Vec<[String; 3]> = serde_json::from_str(s)
+        .map_err(|e| Error::Internal(format!("corrupt partition {s:?}: {e}")))?;
+    let mut out = Partition::default();
+    for [name, value, kind] in vars {
+        let value = if kind == "date" {
+            Value::Date(
+                chrono::NaiveDate::parse_from_str(&value, "%Y-%m-%d")
+                    .map_err(|e| Error::Internal(format!("corrupt date {value:?}: {e}")))?,
+            )
+        } else {
+            Value::Str(value)
+        };
+        out.vars.push((name, value));
+    }
+    Ok(out)
+}
+
+/// A task row as the scheduler needs it to rebuild its in-memory queue.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Its id.
+    pub id: TaskId,
+    /// Its source.
+    pub source: String,
+    /// Its partition.
+    pub partition: Partition,
+    /// Its scraper.
+    pub scraper: String,
+    /// Its state.
+    pub state: TaskState,
+    /// Its priority.
+    pub priority: Priority,
+    /// Why it exists.
+    pub reason: GapReason,
+    /// Attempts started.
+    pub attempts: u32,
+    /// When it is ready (pending) or rechecked (unavailable).
+    pub ready_at: UnixMs,
+    /// Its lease, when leased.
+    pub lease: Option<(LeaseId, AgentId)>,
+    /// The last error.
+    pub last_error: String,
+    /// Keys it must produce.
+    pub expected_keys: Vec<String>,
+    /// When it was created.
+    pub created_at: UnixMs,
+    /// When it last changed.
+    pub updated_at: UnixMs,
+    /// When it last reached a terminal state.
+    pub finished_at: Option<UnixMs>,
+}
+
+const TASK_COLUMNS: &str = "id, source, partition_json, scraper, state, priority, reason, attempts, \
+     ready_at, lease_id, agent_id, last_error, expected_keys, created_at, updated_at, finished_at";
+
+fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRow>> {
+    let partition_json: String = row.get(2)?;
+    let state: String = row.get(4)?;
+    let reason: String = row.get(6)?;
+    let lease_id: Option<String> = row.get(9)?;
+    let agent_id: Option<String> = row.get(10)?;
+    let keys_json: String = row.get(12)?;
+    let build = || -> Result<TaskRow> {
+        Ok(TaskRow {
+            id: TaskId(row.get(0)?),
+            source: row.get(1)?,
+            partition: partition_from_json(&partition_json)?,
+            scraper: row.get(3)?,
+            state: TaskState::parse(&state)
+                .ok_or_else(|| Error::Internal(format!("corrupt task state {state:?}")))?,
+            priority: Priority::from_i64(row.get(5)?),
+            reason: GapReason::parse(&reason).unwrap_or(GapReason::Missing),
+            attempts: row.get(7)?,
+            ready_at: row.get(8)?,
+            lease: lease_id
+                .zip(agent_id)
+                .map(|(l, a)| (LeaseId(l), AgentId(a))),
+            last_error: row.get(11)?,
+            expected_keys: serde_json::from_str(&keys_json)
+                .map_err(|e| Error::Internal(format!("corrupt expected keys: {e}")))?,
+            created_at: row.get(13)?,
+            updated_at: row.get(14)?,
+            finished_at: row.get(15)?,
+        })
+    };
+    Ok(build())
+}
+
+fn collect_tasks(
+    rows: impl Iterator<Item = rusqlite::Result<Result<TaskRow>>>,
+) -> Result<Vec<TaskRow>> {
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row??);
+    }
+    Ok(out)
+}
+
+/// Every pending or leased task, to rebuild the in-memory queue at start.
+pub fn load_active(conn: &Connection) -> Result<Vec<TaskRow>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('pending', 'leased')"
+    ))?;
+    let rows = stmt.query_map([], task_from_row)?;
+    collect_tasks(rows)
+}
+
+/// `(source, partition_key, state, ready_at)` of tasks in states that block
+/// reconciliation from creating a task: dead, cancelled, unavailable.
+pub fn blocking_terminal(conn: &Connection) -> Result<Vec<(String, String, TaskState, UnixMs)>> {
+    let mut stmt = conn.prepare(
+        "SELECT source, partition_key, state, ready_at FROM tasks \
+         WHERE state IN ('dead', 'cancelled', 'unavailable')",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        let state: String = row.get(2)?;
+        Ok((row.get(0)?, row.get(1)?, state, row.get(3)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (source, key, state, ready_at): (String, String, String, i64) = row?;
+        if let Some(state) = TaskState::parse(&state) {
+            out.push((source, key, state, ready_at));
+        }
+    }
+    Ok(out)
+}
+
+/// A task the plan wants to exist.
+#[derive(Debug, Clone)]
+pub struct NewTask<'a> {
+    /// Its source.
+    pub source: &'a str,
+    /// Its partition.
+    pub partition: &'a Partition,
+    /// Its scraper.
+    pub scraper: &'a str,
+    /// Its priority.
+    pub priority: Priority,
+    /// Why.
+    pub reason: GapReason,
+    /// Keys it must produce.
+    pub expected_keys: &'a [String],
+}
+
+/// Creates the task, or reopens an existing one for the same partition when
+/// that one is done and finished before `observed_at` (or is unavailable and
+/// due for its recheck). Returns the id of the now-pending task, or `None` when
+/// the existing task must be left alone.
+pub fn upsert_task(
+    tx: &Transaction<'_>,
+    task: &NewTask<'_>,
+    now: UnixMs,
+    observed_at: UnixMs,
+) -> Result<Option<TaskId>> {
+    let keys = serde_json::to_string(task.expected_keys)
+        .map_err(|e| Error::Internal(format!("cannot encode keys: {e}")))?;
+    let id = tx
+        .query_row(
+            "INSERT INTO tasks (source, partition_key, partition_json, scraper, state, priority, \
+                 reason, attempts, ready_at, last_error, expected_keys, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, 0, ?7, '', ?8, ?7, ?7) \
+             ON CONFLICT (source, partition_key) DO UPDATE SET \
+                 state = 'pending', priority = excluded.priority, reason = excluded.reason, \
+                 scraper = excluded.scraper, attempts = 0, ready_at = excluded.ready_at, \
+                 lease_id = NULL, agent_id = NULL, last_error = '', \
+                 expected_keys = excluded.expected_keys, updated_at = excluded.updated_at, \
+                 finished_at = NULL \
+             WHERE (tasks.state = 'done' AND tasks.finished_at < ?9) \
+                OR (tasks.state = 'unavailable' AND tasks.ready_at <= ?7) \
+             RETURNING id",
+            params![
+                task.source,
+                task.partition.key(),
+                partition_to_json(task.partition),
+                task.scraper,
+                task.priority.as_i64(),
+                task.reason.as_str(),
+                now,
+                keys,
+                observed_at,
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(id.map(TaskId))
+}
+
+/// Records a new lease and its attempt row.
+pub fn lease_task(
+    tx: &Transaction<'_>,
+    id: TaskId,
+    attempt: u32,
+    lease: &LeaseId,
+    agent: &AgentId,
+    now: UnixMs,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE tasks SET state = 'leased', attempts = ?2, lease_id = ?3, agent_id = ?4, \
+             updated_at = ?5 WHERE id = ?1",
+        params![id.0, attempt, lease.0, agent.0, now],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO attempts (task_id, number, lease_id, agent_id, started_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id.0, attempt, lease.0, agent.0, now],
+    )?;
+    Ok(())
+}
+
+/// How an attempt ended, for its row.
+#[derive(Debug, Clone)]
+pub struct AttemptEnd<'a> {
+    /// The task.
+    pub task: TaskId,
+    /// The attempt number.
+    pub number: u32,
+    /// Exit code, if the process exited.
+    pub exit_code: Option<i32>,
+    /// `succeeded`, `failed`, `timed_out`, `cancelled`, `lost`, `unavailable`, ...
+    pub outcome: &'a str,
+    /// What went wrong.
+    pub error: &'a str,
+}
+
+/// Closes an attempt row.
+pub fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd<'_>, now: UnixMs) -> Result<()> {
+    tx.execute(
+        "UPDATE attempts SET ended_at = ?3, exit_code = ?4, outcome = ?5, error = ?6 \
+         WHERE task_id = ?1 AND number = ?2",
+        params![
+            end.task.0,
+            end.number,
+            now,
+            end.exit_code,
+            end.outcome,
+            end.error
+        ],
+    )?;
+    Ok(())
+}
+
+/// Moves a task to `state`, clearing its lease; terminal states set `finished_at`.
+pub fn set_task_state(
+    tx: &Transaction<'_>,
+    id: TaskId,
+    state: TaskState,
+    ready_at: UnixMs,
+    last_error: &str,
+    now: UnixMs,
+) -> Result<()> {
+    let finished = (!state.is_active()).then_some(now);
+    tx.execute(
+        "UPDATE tasks SET state = ?2, ready_at = ?3, last_error = ?4, lease_id = NULL, \
+             agent_id = NULL, updated_at = ?5, finished_at = ?6 WHERE id = ?1",
+        params![id.0, state.as_str(), ready_at, last_error, now, finished],
+    )?;
+    Ok(())
+}
+
+/// Records an upload.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_upload(
+    tx: &Transaction<'_>,
+    task: TaskId,
+    attempt: u32,
+    lease: &LeaseId,
+    key: &str,
+    size: u64,
+    sha256: &str,
+    now: UnixMs,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO uploads (task_id, attempt, lease_id, key, size, sha256, at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            task.0,
+            attempt,
+            lease.0,
+            key,
+            i64::try_from(size).unwrap_or(i64::MAX),
+            sha256,
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+/// An agent as stored.
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    /// Its id.
+    pub id: AgentId,
+    /// Its host.
+    pub hostname: String,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its slots.
+    pub slots: u32,
+    /// Its version.
+    pub version: String,
+    /// Its peer address.
+    pub address: String,
+    /// When it last connected.
+    pub connected_at: UnixMs,
+    /// When it was last heard from.
+    pub last_seen: UnixMs,
+}
+
+/// Inserts or updates an agent.
+pub fn upsert_agent(tx: &Transaction<'_>, agent: &AgentRow) -> Result<()> {
+    let labels = serde_json::to_string(&agent.labels).unwrap_or_else(|_| "{}".into());
+    tx.execute(
+        "INSERT INTO agents (id, hostname, labels_json, slots, version, address, connected_at, \
+             last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
+             labels_json = excluded.labels_json, slots = excluded.slots, \
+             version = excluded.version, address = excluded.address, \
+             connected_at = excluded.connected_at, last_seen = excluded.last_seen",
+        params![
+            agent.id.0,
+            agent.hostname,
+            labels,
+            agent.slots,
+            agent.version,
+            agent.address,
+            agent.connected_at,
+            agent.last_seen
+        ],
+    )?;
+    Ok(())
+}
+
+/// Updates an agent's last-seen time.
+pub fn touch_agent(tx: &Transaction<'_>, id: &AgentId, now: UnixMs) -> Result<()> {
+    tx.execute(
+        "UPDATE agents SET last_seen = ?2 WHERE id = ?1",
+        params![id.0, now],
+    )?;
+    Ok(())
+}
+
+/// Agents seen since `since`, most recent first.
+pub fn recent_agents(conn: &Connection, since: UnixMs) -> Result<Vec<AgentRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, hostname, labels_json, slots, version, address, connected_at, last_seen \
+         FROM agents WHERE last_seen >= ?1 ORDER BY last_seen DESC",
+    )?;
+    let rows = stmt.query_map([since], |row| {
+        let labels: String = row.get(2)?;
+        Ok(AgentRow {
+            id: AgentId(row.get(0)?),
+            hostname: row.get(1)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            slots: row.get(3)?,
+            version: row.get(4)?,
+            address: row.get(5)?,
+            connected_at: row.get(6)?,
+            last_seen: row.get(7)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// One log entry as stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogRow {
+    /// Sequence number; 0 until inserted.
+    pub seq: u64,
+    /// When.
+    pub at: UnixMs,
+    /// `adce_proto::v1::LogLevel` as i32.
+    pub level: i32,
+    /// Task, or 0.
+    pub task_id: i64,
+    /// Agent, or empty.
+    pub agent_id: String,
+    /// Source, or empty.
+    pub source: String,
+    /// `adce_proto::v1::OutputStream` as i32.
+    pub stream: i32,
+    /// The text.
+    pub message: String,
+}
+
+/// Inserts a log entry and returns its sequence number.
+pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
+    tx.execute(
+        "INSERT INTO logs (at, level, task_id, agent_id, source, stream, message) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            row.at,
+            row.level,
+            row.task_id,
+            row.agent_id,
+            row.source,
+            row.stream,
+            row.message
+        ],
+    )?;
+    Ok(u64::try_from(tx.last_insert_rowid()).unwrap_or(0))
+}
+
+/// Which log entries to read.
+#[derive(Debug, Clone, Default)]
+pub struct LogFilter {
+    /// Only this task (0: any).
+    pub task_id: i64,
+    /// Only this agent (empty: any).
+    pub agent_id: String,
+    /// Only this source (empty: any).
+    pub source: String,
+    /// Only this level or above (0: any).
+    pub min_level: i32,
+}
+
+impl LogFilter {
+    /// Whether `row` passes the filter.
+    pub fn matches(&self, row: &LogRow) -> bool {
+        (self.task_id == 0 || row.task_id == self.task_id)
+            && (self.agent_id.is_empty() || row.agent_id == self.agent_id)
+            && (self.source.is_empty() || row.source == self.source)
+            && row.level >= self.min_level
+    }
+
+    fn where_clause(&self) -> (String, Vec<rusqlite::types::Value>) {
+        use rusqlite::types::Value as V;
+        let mut sql = String::from("1 = 1");
+        let mut args = Vec::new();
+        if self.task_id != 0 {
+            sql.push_str(" AND task_id = ?");
+            args.push(V::Integer(self.task_id));
+        }
+        if !self.agent_id.is_empty() {
+            sql.push_str(" AND agent_id = ?");
+            args.push(V::Text(self.agent_id.clone()));
+        }
+        if !self.source.is_empty() {
+            sql.push_str(" AND source = ?");
+            args.push(V::Text(self.source.clone()));
+        }
+        if self.min_level != 0 {
+            sql.push_str(" AND level >= ?");
+            args.push(V::Integer(i64::from(self.min_level)));
+        }
+        (sql, args)
+    }
+}
+
+fn log_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
+    Ok(LogRow {
+        seq: row.get::<_, i64>(0)?.try_into().unwrap_or(0),
+        at: row.get(1)?,
+        level: row.get(2)?,
+        task_id: row.get(3)?,
+        agent_id: row.get(4)?,
+        source: row.get(5)?,
+        stream: row.get(6)?,
+        message: row.get(7)?,
+    })
+}
+
+const LOG_COLUMNS: &str = "seq, at, level, task_id, agent_id, source, stream, message";
+
+/// The last `n` matching entries, oldest first.
+pub fn log_tail(conn: &Connection, filter: &LogFilter, n: u32) -> Result<Vec<LogRow>> {
+    let (clause, mut args) = filter.where_clause();
+    args.push(rusqlite::types::Value::Integer(i64::from(n)));
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {LOG_COLUMNS} FROM logs WHERE {clause} ORDER BY seq DESC LIMIT ?"
+    ))?;
+    let mut rows: Vec<LogRow> = stmt
+        .query_map(rusqlite::params_from_iter(args), log_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// Up to `limit` matching entries after `since`, oldest first.
+pub fn logs_after(
+    conn: &Connection,
+    filter: &LogFilter,
+    since: u64,
+    limit: u32,
+) -> Result<Vec<LogRow>> {
+    let (clause, mut args) = filter.where_clause();
+    args.push(rusqlite::types::Value::Integer(
+        i64::try_from(since).unwrap_or(i64::MAX),
+    ));
+    args.push(rusqlite::types::Value::Integer(i64::from(limit)));
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {LOG_COLUMNS} FROM logs WHERE {clause} AND seq > ? ORDER BY seq ASC LIMIT ?"
+    ))?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args), log_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Filters and paging for task listings.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only this state.
+    pub state: Option<TaskState>,
+    /// Only this priority.
+    pub priority: Option<Priority>,
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only ids below this (the page token).
+    pub before_id: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// A page of tasks, newest first, and the total matching the filter.
+pub fn list_tasks(conn: &Connection, filter: &TaskFilter) -> Result<(Vec<TaskRow>, u64)> {
+    use rusqlite::types::Value as V;
+    let mut clause = String::from("1 = 1");
+    let mut args: Vec<V> = Vec::new();
+    if let Some(state) = filter.state {
+        clause.push_str(" AND state = ?");
+        args.push(V::Text(state.as_str().into()));
+    }
+    if let Some(priority) = filter.priority {
+        clause.push_str(" AND priority = ?");
+        args.push(V::Integer(priority.as_i64()));
+    }
+    if let Some(source) = &filter.source {
+        clause.push_str(" AND source = ?");
+        args.push(V::Text(source.clone()));
+    }
+    let total: i64 = conn.query_row(
+        &format!("SELECT COUNT(*) FROM tasks WHERE {clause}"),
+        rusqlite::params_from_iter(args.iter()),
+        |row| row.get(0),
+    )?;
+    if let Some(before) = filter.before_id {
+        clause.push_str(" AND id < ?");
+        args.push(V::Integer(before));
+    }
+    args.push(V::Integer(i64::from(filter.limit)));
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE {clause} ORDER BY id DESC LIMIT ?"
+    ))?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), task_from_row)?;
+    Ok((collect_tasks(rows)?, total.try_into().unwrap_or(0)))
+}
+
+/// One task by id.
+pub fn get_task(conn: &Connection, id: TaskId) -> Result<Option<TaskRow>> {
+    let mut stmt = conn.prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+    let mut rows = stmt.query_map([id.0], task_from_row)?;
+    match rows.next() {
+        Some(row) => Ok(Some(row??)),
+        None => Ok(None),
+    }
+}
+
+/// An attempt as stored.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    /// Attempt number.
+    pub number: u32,
+    /// Its lease.
+    pub lease_id: String,
+    /// Its agent.
+    pub agent_id: String,
+    /// Start.
+    pub started_at: UnixMs,
+    /// End, if ended.
+    pub ended_at: Option<UnixMs>,
+    /// Exit code, if exited.
+    pub exit_code: Option<i32>,
+    /// How it ended.
+    pub outcome: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Every attempt of a task, oldest first.
+pub fn attempts(conn: &Connection, id: TaskId) -> Result<Vec<AttemptRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT number, lease_id, agent_id, started_at, ended_at, exit_code, outcome, error \
+         FROM attempts WHERE task_id = ?1 ORDER BY number",
+    )?;
+    let rows = stmt.query_map([id.0], |row| {
+        Ok(AttemptRow {
+            number: row.get(0)?,
+            lease_id: row.get(1)?,
+            agent_id: row.get(2)?,
+            started_at: row.get(3)?,
+            ended_at: row.get(4)?,
+            exit_code: row.get(5)?,
+            outcome: row.get(6)?,
+            error: row.get(7)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Task counts per (state, priority).
+pub fn task_counts(conn: &Connection) -> Result<Vec<(TaskState, Priority, u64)>> {
+    let mut stmt =
+        conn.prepare("SELECT state, priority, COUNT(*) FROM tasks GROUP BY state, priority")?;
+    let rows = stmt.query_map([], |row| {
+        let state: String = row.get(0)?;
+        let priority: i64 = row.get(1)?;
+        let count: i64 = row.get(2)?;
+        Ok((state, priority, count))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (state, priority, count) = row?;
+        if let Some(state) = TaskState::parse(&state) {
+            out.push((
+                state,
+                Priority::from_i64(priority),
+                count.try_into().unwrap_or(0),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Value;
+
+    fn partition(id: &str) -> Partition {
+        Partition {
+            vars: vec![("game_id".into(), Value::Str(id.into()))],
+        }
+    }
+
+    #[test]
+    fn upsert_creates_once_and_reopens_only_old_done_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(dir.path()).unwrap();
+        let p = partition("1");
+        let keys = vec!["k/1".to_string()];
+        let task = NewTask {
+            source: "s",
+            partition: &p,
+            scraper: "sc",
+            priority: Priority::High,
+            reason: GapReason::Missing,
+            expected_keys: &keys,
+        };
+        let tx = conn.transaction().unwrap();
+        let id = upsert_task(&tx, &task, 100, 100).unwrap().unwrap();
+        // A second upsert while pending changes nothing.
+        assert_eq!(upsert_task(&tx, &task, 101, 101).unwrap(), None);
+        set_task_state(&tx, id, TaskState::Done, 0, "", 200).unwrap();
+        // Finished after the observation began: not reopened.
+        assert_eq!(upsert_task(&tx, &task, 300, 150).unwrap(), None);
+        // Finished before it: reopened under the same id.
+        assert_eq!(upsert_task(&tx, &task, 300, 250).unwrap(), Some(id));
+        set_task_state(&tx, id, TaskState::Dead, 0, "boom", 400).unwrap();
+        assert_eq!(upsert_task(&tx, &task, 500, 500).unwrap(), None);
+        tx.commit().unwrap();
+
+        let row = get_task(&conn, id).unwrap().unwrap();
+        assert_eq!(row.state, TaskState::Dead);
+        assert_eq!(row.last_error, "boom");
+        assert_eq!(row.partition, p);
+        assert_eq!(row.expected_keys, keys);
+    }
+
+    #[test]
+    fn partition_json_round_trips_dates() {
+        let p = Partition {
+            vars: vec![
+                (
+                    "date".into(),
+                    Value::Date(chrono::NaiveDate::from_ymd_opt(2025, 1, 31).unwrap()),
+                ),
+                ("x".into(), Value::Str("a\"b".into())),
+            ],
+        };
+        assert_eq!(partition_from_json(&partition_to_json(&p)).unwrap(), p);
+    }
+
+    #[test]
+    fn logs_tail_and_resume_by_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(dir.path()).unwrap();
+        let tx = conn.transaction().unwrap();
+        for i in 0..10 {
+            insert_log(
+                &tx,
+                &LogRow {
+                    seq: 0,
+                    at: i,
+                    level: 2,
+                    task_id: i % 2,
+                    agent_id: String::new(),
+                    source: String::new(),
+                    stream: 0,
+                    message: format!("m{i}"),
+                },
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let all = LogFilter::default();
+        let tail = log_tail(&conn, &all, 3).unwrap();
+        assert_eq!(
+            tail.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(),
+            ["m7", "m8", "m9"]
+        );
+        let after = logs_after(&conn, &all, tail[0].seq, 100).unwrap();
+        assert_eq!(after.len(), 2);
+        let odd = LogFilter {
+            task_id: 1,
+            ..LogFilter::default()
+        };
+        assert_eq!(logs_after(&conn, &odd, 0, 100).unwrap().len(), 5);
+    }
+}
