@@ -487,11 +487,9 @@ fn command_templates_may_use_only_variables_of_every_user_source() {
         ],
     );
 
-    let src = format!(
-        "version: 1\nlake: {{local: {{root: l}}}}\nscrapers:\n  s:\n    command: [x, \"{{season:%Y}}\"]\nsources:\n  - name: b\n    scraper: s\n    partitions:\n      seasons: {{start: \"2015\", end: \"2016\"}}\n    objects: [\"b/{{season}}\"]\n"
-    );
+    let src = "version: 1\nlake: {local: {root: l}}\nscrapers:\n  s:\n    command: [x, \"{season:%Y}\"]\nsources:\n  - name: b\n    scraper: s\n    partitions:\n      seasons: {start: \"2015\", end: \"2016\"}\n    objects: [\"b/{season}\"]\n";
     assert_err_at(
-        &src,
+        src,
         "\"{season:%Y}\"",
         0,
         &["formats `{season}` as a date", "not a date in source `b`"],
@@ -578,9 +576,7 @@ fn ranges_and_relations_between_values() {
     let src = format!("{BASE}limits:\n  g: {{max_concurrent: 0}}\n");
     assert_err_at(&src, "0}", 0, &["`max_concurrent` must be at least 1"]);
 
-    let src = BASE
-        .replace("    root: lake\n", "    root: lake\n")
-        .replace("lake:\n  local:\n    root: lake\n", "lake: {}\n");
+    let src = BASE.replace("lake:\n  local:\n    root: lake\n", "lake: {}\n");
     assert_err_at(&src, "{}", 0, &["the lake needs `local"]);
 
     let src = BASE.replace(

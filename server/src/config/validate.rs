@@ -433,13 +433,13 @@ impl Validator<'_> {
             seen.push(var);
             match g {
                 Generator::Dates(d) => {
-                    if let DateEnd::Date(end) = d.end {
-                        if end < d.start {
-                            return Err(self.at(
-                                &gp.key("end"),
-                                format!("end {end} precedes start {}", d.start),
-                            ));
-                        }
+                    if let DateEnd::Date(end) = d.end
+                        && end < d.start
+                    {
+                        return Err(self.at(
+                            &gp.key("end"),
+                            format!("end {end} precedes start {}", d.start),
+                        ));
                     }
                 }
                 Generator::Seasons(sg) => {

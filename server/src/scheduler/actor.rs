@@ -291,7 +291,7 @@ impl State {
                 }
             }
             Command::Disconnect { agent, conn_id } => self.disconnect(tx, fx, &agent, conn_id)?,
-            Command::FromAgent { agent, event } => self.from_agent(tx, fx, &agent, event)?,
+            Command::FromAgent { agent, event } => self.on_agent_event(tx, fx, &agent, event)?,
             Command::LeaseInfo {
                 lease,
                 agent,
@@ -616,7 +616,7 @@ impl State {
         )
     }
 
-    fn from_agent(
+    fn on_agent_event(
         &mut self,
         tx: &Transaction<'_>,
         fx: &mut Effects,
@@ -1039,7 +1039,7 @@ impl State {
 
     fn queue_view(&self, tx: &Transaction<'_>) -> Result<QueueView> {
         let mut view = QueueView::with_capacity(self.by_partition.len());
-        for ((source, key), _) in &self.by_partition {
+        for (source, key) in self.by_partition.keys() {
             view.insert((source.to_string(), key.clone()), QueueEntry::Active);
         }
         for (source, key, state, ready_at) in store::blocking_terminal(tx)? {
