@@ -128,7 +128,7 @@ impl Placeholder {
     pub fn render_into(&self, arg: Arg<'_>, out: &mut String) -> Result<(), TemplateError> {
         let Some(format) = &self.format else {
             match arg {
-                Arg::Date(d) => push_date(out, d, DEFAULT_DATE_ITEMS),
+                Arg::Date(d) => push_date(out, d, DEFAULT_DATE_FORMAT),
                 Arg::Text(s) => out.push_str(s),
             }
             return Ok(());
@@ -159,8 +159,8 @@ impl Placeholder {
     }
 }
 
-/// The items of `%Y-%m-%d`, the rendering of a date without a format.
-const DEFAULT_DATE_ITEMS: &str = "%Y-%m-%d";
+/// How a date renders without a format.
+const DEFAULT_DATE_FORMAT: &str = "%Y-%m-%d";
 
 fn push_date(out: &mut String, d: NaiveDate, fmt: &str) {
     // `%Y-%m-%d` needs nothing but a date, so formatting cannot fail.
