@@ -1,8 +1,9 @@
 //! Assembles and runs the server: store, scheduler, loop, gRPC services
 //! (gateway, control, health, reflection) on a listener the caller binds, until
 //! the caller's shutdown future completes. Shutdown order: health goes
-//! NOT_SERVING, the loop stops, agents are told to drain, the scheduler
-//! commits and stops (ending agents' streams), then the transport closes.
+//! NOT_SERVING, the loop stops, the scheduler commits and stops (ending
+//! agents' streams: agents keep their running tasks and reconnect), then the
+//! transport closes.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -168,9 +169,6 @@ pub async fn run(
                 .await;
             loop_token.cancel();
             let _ = loop_join.await;
-            let _ = sched.send(Command::DrainAll {
-                reason: "server is shutting down".into(),
-            });
             sched.log(Event::info("server shutting down").row());
             // Committing and stopping the scheduler ends every agent stream.
             let _ = sched.call(|reply| Command::Shutdown { reply }).await;

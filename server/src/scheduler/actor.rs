@@ -72,7 +72,6 @@ struct Agent {
     tx: AgentTx,
     running: BTreeSet<LeaseId>,
     eligible: Vec<Arc<str>>,
-    draining: bool,
 }
 
 /// What a finished lease means for its task.
@@ -401,17 +400,6 @@ impl State {
                 fx.reply(reply, progress);
             }
             Command::Log(row) => self.log(tx, fx, row)?,
-            Command::DrainAll { reason } => {
-                for agent in self.agents.values_mut() {
-                    agent.draining = true;
-                    fx.send(
-                        &agent.tx,
-                        Out::Drain(pb::Drain {
-                            reason: reason.clone(),
-                        }),
-                    );
-                }
-            }
             Command::Shutdown { reply } => fx.reply(reply, ()),
         }
         Ok(())
@@ -490,7 +478,6 @@ impl State {
             tx: agent_tx,
             running: BTreeSet::new(),
             eligible,
-            draining: false,
         };
         fx.send(
             &agent.tx,
@@ -1097,7 +1084,7 @@ impl State {
                 let Some(agent) = self.agents.get(agent_id) else {
                     continue;
                 };
-                if agent.draining || agent.running.len() >= agent.slots as usize {
+                if agent.running.len() >= agent.slots as usize {
                     continue;
                 }
                 let Some((key, scraper)) = self.queue.best(agent.eligible.iter()) else {

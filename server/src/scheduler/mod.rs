@@ -233,11 +233,6 @@ pub enum Command {
     },
     /// Appends a server event to the log.
     Log(LogRow),
-    /// Tells every agent to drain (server shutdown).
-    DrainAll {
-        /// Why.
-        reason: String,
-    },
     /// Commits and stops the actor.
     Shutdown {
         /// Stopped.
