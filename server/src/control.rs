@@ -405,16 +405,9 @@ impl pb::control_server::Control for ControlService {
                         return;
                     }
                 }
-                if last == 0 {
-                    // Nothing matched: start from the newest entry overall.
-                    last = readers
-                        .with(|c| store::log_tail(c, &LogFilter::default(), 1))
-                        .await
-                        .ok()
-                        .and_then(|rows| rows.last().map(|r| r.seq))
-                        .unwrap_or(0);
-                }
-            } else if last == 0 && req.tail == 0 {
+            }
+            if last == 0 {
+                // No resume point and no matching tail: only what comes next.
                 last = readers
                     .with(|c| store::log_tail(c, &LogFilter::default(), 1))
                     .await

@@ -842,19 +842,24 @@ impl State {
                 .agent(lease.agent.0.clone())
                 .source(source.to_string())
         };
+        let (outcome, error) = match &verdict {
+            Verdict::Done => ("succeeded", ""),
+            Verdict::Unavailable => ("unavailable", ""),
+            Verdict::Failed { outcome, error } => (*outcome, error.as_str()),
+        };
+        store::end_attempt(
+            tx,
+            &AttemptEnd {
+                task: id,
+                number: attempt,
+                exit_code,
+                outcome,
+                error,
+            },
+            now,
+        )?;
         match verdict {
             Verdict::Done => {
-                store::end_attempt(
-                    tx,
-                    &AttemptEnd {
-                        task: id,
-                        number: attempt,
-                        exit_code,
-                        outcome: "succeeded",
-                        error: "",
-                    },
-                    now,
-                )?;
                 store::set_task_state(tx, id, TaskState::Done, now, "", now)?;
                 self.forget(id);
                 self.log(
@@ -864,17 +869,6 @@ impl State {
                 )?;
             }
             Verdict::Unavailable => {
-                store::end_attempt(
-                    tx,
-                    &AttemptEnd {
-                        task: id,
-                        number: attempt,
-                        exit_code,
-                        outcome: "unavailable",
-                        error: "",
-                    },
-                    now,
-                )?;
                 store::set_task_state(
                     tx,
                     id,
@@ -894,17 +888,6 @@ impl State {
                 )?;
             }
             Verdict::Failed { outcome, error } => {
-                store::end_attempt(
-                    tx,
-                    &AttemptEnd {
-                        task: id,
-                        number: attempt,
-                        exit_code,
-                        outcome,
-                        error: &error,
-                    },
-                    now,
-                )?;
                 let retry = self
                     .catalog
                     .scrapers
