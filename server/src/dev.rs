@@ -45,6 +45,7 @@ pub fn config(data_dir: &Path, config_file: Option<&Path>) -> Result<Config, Con
         local: Some(LocalLake {
             root: data_dir.join("lake"),
         }),
+        s3: None,
     };
     Ok(config)
 }

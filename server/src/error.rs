@@ -44,6 +44,7 @@ impl From<Error> for tonic::Status {
             Error::TooLarge(_) => tonic::Status::resource_exhausted(message),
             Error::Stopped(_) => tonic::Status::unavailable(message),
             Error::Lake(LakeError::InvalidKey { .. }) => tonic::Status::invalid_argument(message),
+            Error::Lake(LakeError::TooLarge { .. }) => tonic::Status::resource_exhausted(message),
             Error::Store(_) | Error::Lake(_) | Error::Internal(_) => {
                 tonic::Status::internal(message)
             }

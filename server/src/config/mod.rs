@@ -205,13 +205,83 @@ impl Default for ServerConfig {
     }
 }
 
-/// `lake:` where objects live; exactly one kind must be given (only `local` exists yet).
+/// `lake:` where objects live; exactly one of `local` and `s3` must be given.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LakeConfig {
     /// A local directory lake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalLake>,
+    /// An S3 (or S3-compatible) bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Lake>,
+}
+
+/// The default size above which uploads to S3 use multipart.
+pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
+/// The default part size of S3 multipart uploads (S3's minimum is 5 MiB).
+pub const DEFAULT_MULTIPART_PART_SIZE: u64 = 16 * 1024 * 1024;
+/// The default number of prefixes listed at once.
+pub const DEFAULT_LIST_CONCURRENCY: usize = 8;
+
+fn default_multipart_threshold() -> u64 {
+    DEFAULT_MULTIPART_THRESHOLD
+}
+
+fn default_multipart_part_size() -> u64 {
+    DEFAULT_MULTIPART_PART_SIZE
+}
+
+fn default_list_concurrency() -> usize {
+    DEFAULT_LIST_CONCURRENCY
+}
+
+/// `lake.s3:` an S3 bucket (credentials come from the standard AWS chain:
+/// environment, profile, web identity, instance metadata; never from here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Lake {
+    /// The bucket.
+    pub bucket: String,
+    /// A key prefix every object key is placed under (e.g. `raw/`); empty for
+    /// the whole bucket.
+    #[serde(default)]
+    pub prefix: String,
+    /// The region; the AWS chain's region when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// An S3-compatible endpoint URL (e.g. `http://127.0.0.1:9000`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), for S3-compatible servers.
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// Uploads larger than this use multipart (units like `64MiB` accepted).
+    #[serde(default = "default_multipart_threshold", deserialize_with = "de_bytes")]
+    pub multipart_threshold: u64,
+    /// The part size of multipart uploads (at least 5 MiB).
+    #[serde(default = "default_multipart_part_size", deserialize_with = "de_bytes")]
+    pub multipart_part_size: u64,
+    /// How many prefixes are listed at once.
+    #[serde(default = "default_list_concurrency")]
+    pub list_concurrency: usize,
+    /// S3 Inventory reports to read instead of listing the whole catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<InventoryConfig>,
+}
+
+/// `lake.s3.inventory:` where S3 Inventory delivers its reports, in AWS's
+/// layout `prefix/<source-bucket>/<config_id>/<YYYY-MM-DDTHH-MMZ>/manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryConfig {
+    /// The destination bucket of the reports.
+    pub bucket: String,
+    /// The destination prefix (may be empty).
+    #[serde(default)]
+    pub prefix: String,
+    /// The inventory configuration's id.
+    pub config_id: String,
 }
 
 /// `lake.local:` a directory holding one file per object key.

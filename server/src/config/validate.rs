@@ -162,18 +162,64 @@ impl Validator<'_> {
 
     fn lake(&self) -> Result<(), Issue> {
         let p = self.root.key("lake");
-        match &self.cfg.lake.local {
-            None => Err(self.at(
+        let lake = &self.cfg.lake;
+        match (&lake.local, &lake.s3) {
+            (None, None) => Err(self.at(
                 &p,
-                "the lake needs `local: {root: DIR}` (S3 lakes are coming in a later version)"
-                    .into(),
+                "the lake needs `local: {root: DIR}` or `s3: {bucket: NAME}`".into(),
             )),
-            Some(local) if local.root.as_os_str().is_empty() => Err(self.at(
+            (Some(_), Some(_)) => Err(self.at(
+                &p.key("s3"),
+                "the lake is either `local` or `s3`, not both".into(),
+            )),
+            (Some(local), None) if local.root.as_os_str().is_empty() => Err(self.at(
                 &p.key("local").key("root"),
                 "`lake.local.root` must not be empty".into(),
             )),
-            Some(_) => Ok(()),
+            (Some(_), None) => Ok(()),
+            (None, Some(s3)) => self.s3(&p.key("s3"), s3),
         }
+    }
+
+    fn s3(&self, p: &YamlPath, s3: &super::S3Lake) -> Result<(), Issue> {
+        const MIN_PART: u64 = 5 * 1024 * 1024;
+        if s3.bucket.is_empty() {
+            return Err(self.at(&p.key("bucket"), "`bucket` must not be empty".into()));
+        }
+        if s3.prefix.starts_with('/') || s3.prefix.contains("//") {
+            return Err(self.at(
+                &p.key("prefix"),
+                format!(
+                    "prefix `{}` must not start with `/` or contain `//`",
+                    s3.prefix
+                ),
+            ));
+        }
+        if s3.multipart_part_size < MIN_PART {
+            return Err(self.at(
+                &p.key("multipart_part_size"),
+                "`multipart_part_size` must be at least 5MiB (S3's minimum part size)".into(),
+            ));
+        }
+        if s3.list_concurrency == 0 {
+            return Err(self.at(
+                &p.key("list_concurrency"),
+                "`list_concurrency` must be at least 1".into(),
+            ));
+        }
+        if let Some(inv) = &s3.inventory {
+            let ip = p.key("inventory");
+            if inv.bucket.is_empty() {
+                return Err(self.at(&ip.key("bucket"), "`bucket` must not be empty".into()));
+            }
+            if inv.config_id.is_empty() || inv.config_id.contains('/') {
+                return Err(self.at(
+                    &ip.key("config_id"),
+                    "`config_id` must be a non-empty name without `/`".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn loop_section(&self) -> Result<(), Issue> {

@@ -142,6 +142,24 @@ impl Lake for LocalLake {
         }
     }
 
+    async fn get(&self, key: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LakeError> {
+        let Some(meta) = self.stat(key).await? else {
+            return Ok(None);
+        };
+        if meta.size > max_bytes {
+            return Err(LakeError::TooLarge {
+                key: key.to_string(),
+                size: meta.size,
+                limit: max_bytes,
+            });
+        }
+        match tokio::fs::read(self.path_of(key)?).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", key)(e)),
+        }
+    }
+
     async fn put(&self, key: &str) -> Result<Box<dyn ObjectWriter>, LakeError> {
         let path = self.path_of(key)?;
         let dir = path
@@ -305,6 +323,15 @@ mod tests {
         assert_eq!(leftovers, 2, "abort left a temp file behind");
 
         assert_eq!(lake.list("").await.unwrap().len(), 3);
+        assert_eq!(
+            lake.get("nba/box/1.json", 10).await.unwrap().as_deref(),
+            Some(&b"x"[..])
+        );
+        assert!(lake.get("nba/box/2.json", 10).await.unwrap().is_none());
+        assert!(matches!(
+            lake.get("nba/schedule/20241023.json", 2).await,
+            Err(LakeError::TooLarge { size: 3, .. })
+        ));
         assert_eq!(lake.list("nba/box/").await.unwrap().len(), 1);
         assert!(lake.list("nope/").await.unwrap().is_empty());
     }

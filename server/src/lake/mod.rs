@@ -37,6 +37,16 @@ pub enum LakeError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// An object is larger than the reader accepts.
+    #[error("object {key:?} is {size} bytes, above the limit of {limit} bytes")]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// An I/O operation failed.
     #[error("lake {op} {key:?}: {source}")]
     Io {
@@ -60,6 +70,10 @@ pub trait Lake: Send + Sync + 'static {
 
     /// The object at `key`, if it exists.
     async fn stat(&self, key: &str) -> Result<Option<ObjectMeta>, LakeError>;
+
+    /// Reads a whole object; `None` when it does not exist. Objects larger
+    /// than `max_bytes` are refused with [`LakeError::TooLarge`].
+    async fn get(&self, key: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LakeError>;
 
     /// Starts writing the object at `key`; nothing is visible until `commit`.
     async fn put(&self, key: &str) -> Result<Box<dyn ObjectWriter>, LakeError>;
