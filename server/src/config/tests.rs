@@ -182,8 +182,10 @@ fn unknown_field_lists_the_expected_ones() {
             "expected one of `name`, `scraper`",
         ],
     );
+    let src = BASE.replace("lake:\n", "lake:\n  gcs: {bucket: b}\n");
+    assert_err_at(&src, "gcs", 0, &["unknown field `gcs`", "`local`", "`s3`"]);
     let src = BASE.replace("lake:\n", "lake:\n  s3: {bucket: b}\n");
-    assert_err_at(&src, "s3", 0, &["unknown field `s3`", "`local`"]);
+    assert_err_at(&src, "{bucket", 0, &["either `local` or `s3`, not both"]);
     let src = format!("{BASE}metrics: {{}}\n");
     assert_err_at(&src, "metrics", 0, &["unknown field `metrics`"]);
 }
