@@ -24,6 +24,9 @@ use crate::model::{Priority, UnixMs, now_ms};
 use crate::reconcile::{self, Coverage, Expected, Observed, ObservedObject, PlanSource};
 use crate::scheduler::{Command, Handle, PlannedTask};
 
+/// How many listing pages may wait for the reconciler at once.
+const LISTING_PAGES_IN_FLIGHT: usize = 64;
+
 /// The loop's settings (config `loop`).
 #[derive(Debug, Clone)]
 pub struct LoopOptions {
@@ -381,16 +384,19 @@ where
     .await;
 
     let observed_at = now_ms();
+    let mut observed = Observed::new();
+    let (pages_tx, mut pages) = mpsc::channel(LISTING_PAGES_IN_FLIGHT);
     let mut listings = JoinSet::new();
     for prefix in catalog.prefixes() {
         let lake = lake.clone();
-        listings.spawn(async move { lake.list(&prefix).await });
+        let pages_tx = pages_tx.clone();
+        listings.spawn(async move { lake.list(&prefix, pages_tx).await });
     }
-    let mut observed = Observed::new();
-    while let Some(listing) = listings.join_next().await {
-        let listing =
-            listing.map_err(|e| Error::Internal(format!("lake listing panicked: {e}")))??;
-        for meta in listing {
+    drop(pages_tx);
+    // Pages are folded in as they arrive; the channel closes when every
+    // listing has finished.
+    while let Some(page) = pages.recv().await {
+        for meta in page {
             observed.insert(
                 meta.key,
                 ObservedObject {
@@ -399,6 +405,9 @@ where
                 },
             );
         }
+    }
+    while let Some(listing) = listings.join_next().await {
+        listing.map_err(|e| Error::Internal(format!("lake listing panicked: {e}")))??;
     }
     let observed_objects = observed.len() as u64;
     report(ReconcileProgress::Phase(

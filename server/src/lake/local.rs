@@ -10,7 +10,7 @@ use std::time::UNIX_EPOCH;
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
-use super::{Lake, LakeError, ObjectMeta, ObjectWriter, validate_key};
+use super::{LIST_PAGE, Lake, LakeError, ObjectMeta, ObjectWriter, PageSink, validate_key};
 use crate::model::UnixMs;
 
 /// File names starting with this are in-flight writes, never listed.
@@ -60,45 +60,63 @@ fn io_err<'a>(op: &'static str, key: &'a str) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// Walks `dir` (whose key prefix is `dir_key`, empty or ending in `/`) and
-/// collects every regular file whose key starts with `prefix`.
-fn walk(
-    dir: &Path,
-    dir_key: &str,
-    prefix: &str,
-    out: &mut Vec<ObjectMeta>,
-) -> Result<(), LakeError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("list", dir_key)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(io_err("list", dir_key))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue; // Not UTF-8: cannot be an object key.
-        };
-        if name.starts_with(TEMP_PREFIX) {
-            continue;
-        }
-        let key = format!("{dir_key}{name}");
-        let file_type = entry.file_type().map_err(io_err("list", &key))?;
-        if file_type.is_dir() {
-            let sub_key = format!("{key}/");
-            // Descend only where keys below can still match the prefix.
-            if sub_key.starts_with(prefix) || prefix.starts_with(&sub_key) {
-                walk(&entry.path(), &sub_key, prefix, out)?;
-            }
-        } else if file_type.is_file() && key.starts_with(prefix) {
-            let meta = entry.metadata().map_err(io_err("list", &key))?;
-            out.push(ObjectMeta {
-                key,
-                size: meta.len(),
-                modified_ms: modified_ms(&meta),
-            });
+/// A listing in progress: walks directories and sends full pages.
+struct Walker<'a> {
+    prefix: &'a str,
+    page: Vec<ObjectMeta>,
+    pages: &'a PageSink,
+    sent: u64,
+}
+
+impl Walker<'_> {
+    fn flush(&mut self) {
+        if !self.page.is_empty() {
+            let page = std::mem::replace(&mut self.page, Vec::with_capacity(LIST_PAGE));
+            self.sent += page.len() as u64;
+            // A consumer that went away ends the listing's usefulness, not its
+            // correctness.
+            let _ = self.pages.blocking_send(page);
         }
     }
-    Ok(())
+
+    /// Walks `dir` (whose key prefix is `dir_key`, empty or ending in `/`)
+    /// and collects every regular file whose key starts with the prefix.
+    fn walk(&mut self, dir: &Path, dir_key: &str) -> Result<(), LakeError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("list", dir_key)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err("list", dir_key))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue; // Not UTF-8: cannot be an object key.
+            };
+            if name.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let key = format!("{dir_key}{name}");
+            let file_type = entry.file_type().map_err(io_err("list", &key))?;
+            if file_type.is_dir() {
+                let sub_key = format!("{key}/");
+                // Descend only where keys below can still match the prefix.
+                if sub_key.starts_with(self.prefix) || self.prefix.starts_with(&sub_key) {
+                    self.walk(&entry.path(), &sub_key)?;
+                }
+            } else if file_type.is_file() && key.starts_with(self.prefix) {
+                let meta = entry.metadata().map_err(io_err("list", &key))?;
+                self.page.push(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                    modified_ms: modified_ms(&meta),
+                });
+                if self.page.len() >= LIST_PAGE {
+                    self.flush();
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -107,18 +125,24 @@ impl Lake for LocalLake {
         format!("local:{}", self.root.display())
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, LakeError> {
+    async fn list(&self, prefix: &str, pages: PageSink) -> Result<u64, LakeError> {
         let root = self.root.clone();
         let prefix = prefix.to_string();
+        // The walk runs on a blocking thread and hands pages over as it goes.
         tokio::task::spawn_blocking(move || {
-            // Start at the deepest directory the prefix names in full.
             let dir_key = match prefix.rfind('/') {
                 Some(i) => &prefix[..=i],
                 None => "",
             };
-            let mut out = Vec::new();
-            walk(&root.join(dir_key), dir_key, &prefix, &mut out)?;
-            Ok(out)
+            let mut walker = Walker {
+                prefix: &prefix,
+                page: Vec::with_capacity(LIST_PAGE),
+                pages: &pages,
+                sent: 0,
+            };
+            walker.walk(&root.join(dir_key), dir_key)?;
+            walker.flush();
+            Ok(walker.sent)
         })
         .await
         .map_err(|e| LakeError::Io {
@@ -279,6 +303,7 @@ impl Drop for LocalWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lake::list_all;
 
     async fn write(lake: &LocalLake, key: &str, data: &[u8]) -> ObjectMeta {
         let mut w = lake.put(key).await.unwrap();
@@ -298,8 +323,7 @@ mod tests {
         // An unfinished write is invisible.
         let mut pending = lake.put("nba/schedule/20241024.json").await.unwrap();
         pending.write(b"partial").await.unwrap();
-        let mut keys: Vec<_> = lake
-            .list("nba/schedule/2024")
+        let mut keys: Vec<_> = list_all(&lake, "nba/schedule/2024")
             .await
             .unwrap()
             .into_iter()
@@ -322,7 +346,7 @@ mod tests {
             .count();
         assert_eq!(leftovers, 2, "abort left a temp file behind");
 
-        assert_eq!(lake.list("").await.unwrap().len(), 3);
+        assert_eq!(list_all(&lake, "").await.unwrap().len(), 3);
         assert_eq!(
             lake.get("nba/box/1.json", 10).await.unwrap().as_deref(),
             Some(&b"x"[..])
@@ -332,8 +356,8 @@ mod tests {
             lake.get("nba/schedule/20241023.json", 2).await,
             Err(LakeError::TooLarge { size: 3, .. })
         ));
-        assert_eq!(lake.list("nba/box/").await.unwrap().len(), 1);
-        assert!(lake.list("nope/").await.unwrap().is_empty());
+        assert_eq!(list_all(&lake, "nba/box/").await.unwrap().len(), 1);
+        assert!(list_all(&lake, "nope/").await.unwrap().is_empty());
     }
 
     #[tokio::test]

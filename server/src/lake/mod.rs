@@ -65,8 +65,10 @@ pub trait Lake: Send + Sync + 'static {
     /// A short description for status output, e.g. `local:/srv/lake`.
     fn describe(&self) -> String;
 
-    /// Every object whose key starts with `prefix` (which need not end at a `/`).
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, LakeError>;
+    /// Sends every object whose key starts with `prefix` (which need not end
+    /// at a `/`) to `pages`, a page at a time, and returns how many it sent.
+    /// Pages stream into the consumer so no listing is collected whole.
+    async fn list(&self, prefix: &str, pages: PageSink) -> Result<u64, LakeError>;
 
     /// The object at `key`, if it exists.
     async fn stat(&self, key: &str) -> Result<Option<ObjectMeta>, LakeError>;
@@ -91,6 +93,28 @@ pub trait ObjectWriter: Send {
     async fn commit(self: Box<Self>) -> Result<ObjectMeta, LakeError>;
     /// Discards everything written; the key is left as it was.
     async fn abort(self: Box<Self>);
+}
+
+/// Where listings send their pages.
+pub type PageSink = tokio::sync::mpsc::Sender<Vec<ObjectMeta>>;
+
+/// How many objects a listing page holds at most.
+pub const LIST_PAGE: usize = 1000;
+
+/// Lists `prefix` into a vector (for tests and small listings).
+pub async fn list_all(lake: &dyn Lake, prefix: &str) -> Result<Vec<ObjectMeta>, LakeError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let listing = lake.list(prefix, tx);
+    let collect = async {
+        let mut out = Vec::new();
+        while let Some(page) = rx.recv().await {
+            out.extend(page);
+        }
+        out
+    };
+    let (listed, out) = tokio::join!(listing, collect);
+    listed?;
+    Ok(out)
 }
 
 /// A shared lake handle.
