@@ -10,7 +10,10 @@ use std::time::UNIX_EPOCH;
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
-use super::{LIST_PAGE, Lake, LakeError, ObjectMeta, ObjectWriter, PageSink, validate_key};
+use super::{
+    ByteReader, LIST_PAGE, Lake, LakeError, ObjectMeta, ObjectSource, ObjectWriter, PageSink,
+    validate_key,
+};
 use crate::model::UnixMs;
 
 /// File names starting with this are in-flight writes, never listed.
@@ -232,6 +235,85 @@ impl Lake for LocalLake {
     }
 }
 
+/// A directory read as an [`ObjectSource`] (keys are relative paths).
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    /// The directory at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalDir { root: root.into() }
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, LakeError> {
+        validate_key(key.trim_end_matches('/'))?;
+        Ok(self.root.join(key))
+    }
+}
+
+#[async_trait]
+impl ObjectSource for LocalDir {
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, LakeError> {
+        let dir = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(prefix)?
+        };
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", prefix)(e)),
+        };
+        let mut out = Vec::new();
+        while let Some(entry) = entries.next_entry().await.map_err(io_err("list", prefix))? {
+            let is_dir = entry
+                .file_type()
+                .await
+                .map_err(io_err("list", prefix))?
+                .is_dir();
+            if let (true, Ok(name)) = (is_dir, entry.file_name().into_string()) {
+                out.push(format!("{prefix}{name}/"));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn read(&self, key: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LakeError> {
+        let path = self.path_of(key)?;
+        let meta = match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("stat", key)(e)),
+        };
+        if meta.len() > max_bytes {
+            return Err(LakeError::TooLarge {
+                key: key.to_string(),
+                size: meta.len(),
+                limit: max_bytes,
+            });
+        }
+        tokio::fs::read(&path)
+            .await
+            .map(Some)
+            .map_err(io_err("read", key))
+    }
+
+    async fn open(&self, key: &str) -> Result<ByteReader, LakeError> {
+        let file = tokio::fs::File::open(self.path_of(key)?)
+            .await
+            .map_err(io_err("open", key))?;
+        Ok(Box::pin(file))
+    }
+}
+
 /// An in-flight write to a temp file next to its target.
 struct LocalWriter {
     key: String,
@@ -382,5 +464,34 @@ mod tests {
         assert!(lake.put("../escape").await.is_err());
         assert!(lake.put("/abs").await.is_err());
         assert!(!dir.path().join("escape").exists());
+    }
+
+    #[tokio::test]
+    async fn local_dir_lists_subdirectories_and_reads_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("inv/b/c/2024-01-02T00-00Z")).unwrap();
+        std::fs::create_dir_all(dir.path().join("inv/b/c/2024-01-01T00-00Z")).unwrap();
+        std::fs::write(dir.path().join("inv/b/c/x.json"), b"{}").unwrap();
+        let src = LocalDir::new(dir.path());
+        assert_eq!(
+            src.list_dirs("inv/b/c/").await.unwrap(),
+            ["inv/b/c/2024-01-01T00-00Z/", "inv/b/c/2024-01-02T00-00Z/"]
+        );
+        assert_eq!(src.list_dirs("").await.unwrap(), ["inv/"]);
+        assert!(src.list_dirs("none/").await.unwrap().is_empty());
+        assert_eq!(
+            src.read("inv/b/c/x.json", 10).await.unwrap().as_deref(),
+            Some(&b"{}"[..])
+        );
+        assert!(src.read("inv/b/c/y.json", 10).await.unwrap().is_none());
+        assert!(src.read("inv/b/c/x.json", 1).await.is_err());
+        let mut buf = String::new();
+        tokio::io::AsyncReadExt::read_to_string(
+            &mut src.open("inv/b/c/x.json").await.unwrap(),
+            &mut buf,
+        )
+        .await
+        .unwrap();
+        assert_eq!(buf, "{}");
     }
 }

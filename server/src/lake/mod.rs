@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use local::LocalLake;
+pub use local::{LocalDir, LocalLake};
 
 use crate::model::UnixMs;
 
@@ -94,6 +94,28 @@ pub trait ObjectWriter: Send {
     /// Discards everything written; the key is left as it was.
     async fn abort(self: Box<Self>);
 }
+
+/// Read-only access to a store of files addressed by key: an S3 Inventory
+/// destination bucket, or a directory standing in for one in tests.
+#[async_trait]
+pub trait ObjectSource: Send + Sync + 'static {
+    /// A short description for log lines, e.g. `s3://reports/inv/`.
+    fn describe(&self) -> String;
+
+    /// The immediate "subdirectories" of `prefix` (which ends in `/` or is
+    /// empty): each returned entry is a full prefix ending in `/`, sorted.
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, LakeError>;
+
+    /// Reads an object whole; `None` when absent; larger than `max_bytes`
+    /// is [`LakeError::TooLarge`].
+    async fn read(&self, key: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LakeError>;
+
+    /// Opens an object for a streaming read.
+    async fn open(&self, key: &str) -> Result<ByteReader, LakeError>;
+}
+
+/// A streaming reader of an object's bytes.
+pub type ByteReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
 
 /// Where listings send their pages.
 pub type PageSink = tokio::sync::mpsc::Sender<Vec<ObjectMeta>>;
