@@ -1,0 +1,13 @@
+//! End-to-end tests of adce: the real `adce-server`, `adce-agent` and
+//! `adcectl` binaries on loopback ports, real scraper scripts from
+//! `tests/scrapers/`, real files in temporary directories. One test binary so
+//! the tests run in parallel threads; each uses its own ports and directories.
+//! Run them through `scripts/test.sh`, which builds the binaries first and
+//! provides the venv with grpcurl and the Python health client.
+
+mod config;
+mod crash;
+mod dev;
+mod failures;
+mod grpc;
+mod lake;
