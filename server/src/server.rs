@@ -17,12 +17,13 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::autoloop::{self, LoopOptions};
+use crate::reconciler::{InventorySource, Reconciler};
 use crate::catalog::Catalog;
 use crate::config::{Config, LakeConfig};
 use crate::control::ControlService;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
-use crate::lake::{LocalLake, SharedLake};
+use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
 use crate::scheduler::{self, Command, SchedulerOptions};
 use crate::store::{self, Readers};
@@ -40,12 +41,23 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the transport may take to close once everything else stopped.
 const TRANSPORT_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Opens the lake the config names.
-pub fn open_lake(config: &Config) -> Result<SharedLake> {
+/// Opens the lake the config names, and the place its S3 Inventory reports
+/// are delivered when the config names one.
+pub async fn open_lake(config: &Config) -> Result<(SharedLake, Option<InventorySource>)> {
     match &config.lake {
         LakeConfig {
             local: Some(local), ..
-        } => Ok(Arc::new(LocalLake::open(&local.root)?)),
+        } => Ok((Arc::new(LocalLake::open(&local.root)?), None)),
+        LakeConfig { s3: Some(s3), .. } => {
+            let lake = S3Lake::connect(s3).await?;
+            let inventory = s3.inventory.as_ref().map(|inv| InventorySource {
+                store: Arc::new(lake.bucket(&inv.bucket)),
+                config: inv.clone(),
+                source_bucket: lake.bucket_name().to_string(),
+                lake_prefix: lake.prefix().to_string(),
+            });
+            Ok((Arc::new(lake), inventory))
+        }
         _ => Err(Error::InvalidArgument(
             "the config names no usable lake backend".into(),
         )),
@@ -60,7 +72,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let catalog = Arc::new(Catalog::from_config(&config));
-    let lake = open_lake(&config)?;
+    let (lake, inventory) = open_lake(&config).await?;
     let lake_name = lake.describe();
     let state_dir = config.server.state_dir.clone();
     let conn = store::open_writer(&state_dir)?;
@@ -120,6 +132,7 @@ pub async fn run(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
     let loop_token = token.child_token();
+    let reconciler = Reconciler::new(catalog.clone(), lake.clone(), sched.clone(), inventory);
     let (loop_handle, loop_join) = autoloop::spawn(
         LoopOptions {
             enabled: config.r#loop.enabled,
@@ -128,10 +141,8 @@ pub async fn run(
             dispatch_threshold: config.r#loop.dispatch_threshold,
             max_cycle_runtime: config.r#loop.max_cycle_runtime,
         },
-        catalog.clone(),
-        lake.clone(),
+        reconciler,
         sched.clone(),
-        "listing".into(),
         loop_token.clone(),
     );
 

@@ -2,13 +2,16 @@
 //! implements, object metadata, and key validation. Only the server writes the
 //! lake, and every write becomes visible atomically or not at all.
 
+pub mod inventory;
 mod local;
+mod s3;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 pub use local::{LocalDir, LocalLake};
+pub use s3::{S3Bucket, S3Lake};
 
 use crate::model::UnixMs;
 
