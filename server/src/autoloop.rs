@@ -1,31 +1,23 @@
-//! The autonomous loop and the reconciler. The loop reconciles at start and
-//! every `reconcile_interval`; it starts a dispatch cycle when the ready
-//! backlog reaches `dispatch_threshold`, ends it when the queue drains (or
+//! The autonomous loop. It reconciles at start and every
+//! `reconcile_interval`; it starts a dispatch cycle when the ready backlog
+//! reaches `dispatch_threshold`, ends it when the queue drains (or
 //! `max_cycle_runtime` passes) and reconciles again to confirm. Pause and
-//! resume take effect at once. `reconcile` gathers the plan's inputs (catalog
-//! expansion, lake listing, queue view), runs the pure `plan` and hands the
-//! resulting tasks to the scheduler.
+//! resume take effect at once. Reconciles run one at a time, here.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::lake::SharedLake;
 use crate::logs::Event;
-use crate::model::{Priority, UnixMs, now_ms};
-use crate::reconcile::{self, Coverage, Expected, Observed, ObservedObject, PlanSource};
-use crate::scheduler::{Command, Handle, PlannedTask};
-
-/// How many listing pages may wait for the reconciler at once.
-const LISTING_PAGES_IN_FLIGHT: usize = 64;
+use crate::model::{UnixMs, now_ms};
+use crate::reconciler::Reconciler;
+pub use crate::reconciler::{CoverageReport, ReconcileProgress, ReconcileSummary};
+use crate::scheduler::{Command, Handle};
 
 /// The loop's settings (config `loop`).
 #[derive(Debug, Clone)]
@@ -60,47 +52,6 @@ pub struct LoopStatus {
     pub cycle_started: UnixMs,
     /// Cycles completed.
     pub cycles: u64,
-}
-
-/// Coverage per source from the last reconcile.
-#[derive(Debug, Clone, Default)]
-pub struct CoverageReport {
-    /// `(source, priority, coverage)` in catalog order.
-    pub sources: Vec<(String, Priority, Coverage)>,
-    /// All sources.
-    pub total: Coverage,
-    /// When computed (0: never).
-    pub computed_at: UnixMs,
-    /// Where the evidence came from.
-    pub evidence: String,
-}
-
-/// What one reconcile found and did.
-#[derive(Debug, Clone, Default)]
-pub struct ReconcileSummary {
-    /// Objects expected.
-    pub expected_objects: u64,
-    /// Objects listed under the catalog's prefixes.
-    pub observed_objects: u64,
-    /// Partitions with a gap.
-    pub gaps: u64,
-    /// Tasks created or reopened.
-    pub tasks_created: u64,
-    /// How long it took.
-    pub duration: Duration,
-    /// Coverage after it.
-    pub coverage: Coverage,
-}
-
-/// A reconcile progress event: `(phase, message)`, and the summary at the end.
-#[derive(Debug, Clone)]
-pub enum ReconcileProgress {
-    /// A phase finished.
-    Phase(&'static str, String),
-    /// The reconcile finished.
-    Done(ReconcileSummary),
-    /// The reconcile failed.
-    Failed(String),
 }
 
 enum LoopCommand {
@@ -167,10 +118,8 @@ impl LoopHandle {
 /// Starts the loop; it stops when `shutdown` is cancelled.
 pub fn spawn(
     opts: LoopOptions,
-    catalog: Arc<Catalog>,
-    lake: SharedLake,
+    reconciler: Reconciler,
     scheduler: Handle,
-    evidence: String,
     shutdown: CancellationToken,
 ) -> (LoopHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(16);
@@ -191,10 +140,8 @@ pub fn spawn(
     };
     let task = Loop {
         opts,
-        catalog,
-        lake,
+        reconciler,
         scheduler,
-        evidence,
         status: status_tx,
         coverage: coverage_tx,
         paused,
@@ -206,10 +153,8 @@ pub fn spawn(
 
 struct Loop {
     opts: LoopOptions,
-    catalog: Arc<Catalog>,
-    lake: SharedLake,
+    reconciler: Reconciler,
     scheduler: Handle,
-    evidence: String,
     status: Arc<watch::Sender<LoopStatus>>,
     coverage: watch::Sender<Arc<CoverageReport>>,
     paused: Arc<AtomicBool>,
@@ -316,14 +261,7 @@ impl Loop {
                 }
             }
         };
-        let result = reconcile(
-            &self.catalog,
-            &self.lake,
-            &self.scheduler,
-            &self.evidence,
-            &report,
-        )
-        .await;
+        let result = self.reconciler.run(&report).await;
         let now = now_ms();
         let next = now + i64::try_from(self.opts.reconcile_interval.as_millis()).unwrap_or(0);
         match result {
@@ -343,180 +281,4 @@ impl Loop {
             }
         }
     }
-}
-
-/// Runs one reconcile: expand, observe, plan, apply.
-async fn reconcile<F, Fut>(
-    catalog: &Arc<Catalog>,
-    lake: &SharedLake,
-    scheduler: &Handle,
-    evidence: &str,
-    report: &F,
-) -> Result<(ReconcileSummary, CoverageReport)>
-where
-    F: Fn(ReconcileProgress) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let started = Instant::now();
-    let today = chrono::Utc::now().date_naive();
-    let expand_catalog = catalog.clone();
-    let expected: Vec<Expected> = tokio::task::spawn_blocking(move || {
-        expand_catalog
-            .expand(today)
-            .into_iter()
-            .map(|e| Expected {
-                source: e.source,
-                partition: e.partition,
-                keys: e.keys,
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("catalog expansion panicked: {e}")))?;
-    let expected_objects: u64 = expected.iter().map(|e| e.keys.len() as u64).sum();
-    report(ReconcileProgress::Phase(
-        "expand",
-        format!(
-            "{} partitions, {expected_objects} objects expected",
-            expected.len()
-        ),
-    ))
-    .await;
-
-    let observed_at = now_ms();
-    let mut observed = Observed::new();
-    let (pages_tx, mut pages) = mpsc::channel(LISTING_PAGES_IN_FLIGHT);
-    let mut listings = JoinSet::new();
-    for prefix in catalog.prefixes() {
-        let lake = lake.clone();
-        let pages_tx = pages_tx.clone();
-        listings.spawn(async move { lake.list(&prefix, pages_tx).await });
-    }
-    drop(pages_tx);
-    // Pages are folded in as they arrive; the channel closes when every
-    // listing has finished.
-    while let Some(page) = pages.recv().await {
-        for meta in page {
-            observed.insert(
-                meta.key,
-                ObservedObject {
-                    size: meta.size,
-                    modified_ms: meta.modified_ms,
-                },
-            );
-        }
-    }
-    while let Some(listing) = listings.join_next().await {
-        listing.map_err(|e| Error::Internal(format!("lake listing panicked: {e}")))??;
-    }
-    let observed_objects = observed.len() as u64;
-    report(ReconcileProgress::Phase(
-        "observe",
-        format!("{observed_objects} objects listed in the lake"),
-    ))
-    .await;
-
-    let view = scheduler
-        .call(|reply| Command::QueueView { reply })
-        .await??;
-    let sources: Vec<PlanSource> = catalog
-        .sources
-        .iter()
-        .map(|s| PlanSource {
-            name: s.name.clone(),
-            scraper: s.scraper.clone(),
-            priority: s.priority,
-            min_bytes: s.min_bytes,
-        })
-        .collect();
-    let (plan, sources) = tokio::task::spawn_blocking(move || {
-        let plan = reconcile::plan(&sources, &expected, &observed, &view, now_ms());
-        (plan, sources)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("planning panicked: {e}")))?;
-    let tasks: Vec<PlannedTask> = plan
-        .upserts()
-        .map(|gap| {
-            let source = &sources[gap.source];
-            PlannedTask {
-                source: source.name.clone(),
-                scraper: source.scraper.clone(),
-                partition: gap.partition.clone(),
-                priority: source.priority,
-                reason: gap.reason,
-                keys: gap.keys.clone(),
-            }
-        })
-        .collect();
-    report(ReconcileProgress::Phase(
-        "plan",
-        format!(
-            "{} partitions with gaps, {} need a task",
-            plan.gaps.len(),
-            tasks.len()
-        ),
-    ))
-    .await;
-
-    let created = scheduler
-        .call(|reply| Command::ApplyPlan {
-            tasks,
-            observed_at,
-            reply,
-        })
-        .await??;
-    report(ReconcileProgress::Phase(
-        "apply",
-        format!("{created} tasks created or reopened"),
-    ))
-    .await;
-
-    let total = plan.total();
-    let mut per_source: HashMap<usize, Coverage> = HashMap::new();
-    for (i, c) in plan.coverage.iter().enumerate() {
-        per_source.insert(i, *c);
-    }
-    let coverage = CoverageReport {
-        sources: sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                (
-                    s.name.clone(),
-                    s.priority,
-                    per_source.get(&i).copied().unwrap_or_default(),
-                )
-            })
-            .collect(),
-        total,
-        computed_at: now_ms(),
-        evidence: evidence.to_string(),
-    };
-    let summary = ReconcileSummary {
-        expected_objects,
-        observed_objects,
-        gaps: plan.gaps.len() as u64,
-        tasks_created: created,
-        duration: started.elapsed(),
-        coverage: total,
-    };
-    info!(
-        expected = expected_objects,
-        observed = observed_objects,
-        gaps = summary.gaps,
-        created,
-        percent = total.percent(),
-        "reconciled"
-    );
-    scheduler.log(
-        Event::info(format!(
-            "reconciled: {expected_objects} expected, {} present ({:.1}%), {} gaps, {created} tasks queued",
-            total.present,
-            total.percent(),
-            summary.gaps
-        ))
-        .row(),
-    );
-    Ok((summary, coverage))
 }

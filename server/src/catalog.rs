@@ -2,19 +2,31 @@
 //! keys; scrapers render into argv and environment for one task. Pure: no I/O, and
 //! `today` is an argument so expansion is deterministic.
 //!
+//! Static sources expand on their own ([`Catalog::expand`]). Dependent sources
+//! (`from_objects`) expand from values their caller read out of parent objects: the
+//! caller lists the parent template's prefix, keeps the keys
+//! [`FromObjects::match_parent`] accepts, reads each (at most
+//! [`FromObjects::max_bytes`]), runs [`FromObjects::extract`] and hands the values to
+//! [`Catalog::expand_dependent`].
+//!
 //! Architecture invariant: a [`Catalog`] is only built from a validated [`Config`], so
 //! rendering object keys of a partition the catalog generated cannot fail.
+//!
+//! Architecture invariant: every partition value that reaches a key or an argv passed
+//! [`crate::config::is_valid_value`] (`[A-Za-z0-9._-]{1,128}`, not only dots), whether
+//! listed in the config, parsed out of a key or extracted from a parent object.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{Days, Months, NaiveDate};
 
-use crate::config::{Config, DateEnd, SeasonEnd, Step};
-pub use crate::config::{Generator, LimitGroup, RetryPolicy, VarKind};
+use crate::config::{Config, DateEnd, FromObjectsGenerator, SeasonEnd, Step, is_valid_value};
+pub use crate::config::{Generator, LimitGroup, Refresh, RetryPolicy, VarKind};
+pub use crate::extract::{Extracted, Extractor, Rejected};
 use crate::model::{Partition, Priority, Value};
-use crate::template::{Arg, Piece, Placeholder, Template, TemplateError};
+use crate::template::{Arg, Piece, Placeholder, Template, TemplateError, parse_iso_date};
 
 /// Placeholder for the task's output directory (argv only; the agent fills it in).
 pub const VAR_OUT: &str = "out";
@@ -62,10 +74,110 @@ pub struct Source {
     pub description: Option<String>,
     /// An object smaller than this is a `too_small` gap.
     pub min_bytes: u64,
-    /// Partition generators; their cartesian product in order (none: one empty partition).
+    /// Partition generators; their cartesian product in order (none: one empty
+    /// partition). A dependent source has its one `from_objects` generator and expands
+    /// only through [`Catalog::expand_dependent`].
     pub generators: Vec<Generator>,
-    /// Object key templates; each uses every partition variable.
+    /// Object key templates; each uses every partition variable the source defines
+    /// itself (a dependent source's parent variables are optional).
     pub objects: Vec<Template>,
+    /// Where a dependent source's values come from.
+    pub dependency: Option<FromObjects>,
+    /// Re-fetch objects of recent partitions once they are this old.
+    pub refresh: Option<Refresh>,
+    /// How long an `unavailable` task (exit 69) waits before it is looked at again.
+    pub recheck_after: Duration,
+    /// Always confirm this source by listing, even when an inventory report is used.
+    pub hot: bool,
+}
+
+/// A dependent source's parent objects and how values are read out of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FromObjects {
+    template: Template,
+    var: String,
+    parent_vars: Vec<(String, VarKind)>,
+    extractor: Extractor,
+}
+
+impl FromObjects {
+    /// Builds the dependency of a validated `from_objects` generator; `None` only for an
+    /// unvalidated one without exactly one extraction.
+    pub fn from_config(g: &FromObjectsGenerator) -> Option<FromObjects> {
+        Some(FromObjects {
+            template: g.objects.clone(),
+            var: g.var.clone(),
+            parent_vars: g
+                .parent_vars()
+                .into_iter()
+                .map(|(n, k)| (n.to_owned(), k))
+                .collect(),
+            extractor: Extractor {
+                extraction: g.extraction()?,
+                pattern: g.pattern.clone().unwrap_or_default(),
+                max_bytes: g.max_bytes,
+            },
+        })
+    }
+
+    /// The parent key template. Its [`Template::literal_prefix`] is among
+    /// [`Catalog::prefixes`], so listing those finds every parent.
+    pub fn template(&self) -> &Template {
+        &self.template
+    }
+
+    /// The variable the extracted values become.
+    pub fn var(&self) -> &str {
+        &self.var
+    }
+
+    /// The largest parent object to read; larger ones are skipped (and
+    /// [`FromObjects::extract`] reports them as an error).
+    pub fn max_bytes(&self) -> u64 {
+        self.extractor.max_bytes
+    }
+
+    /// How values are read and checked.
+    pub fn extractor(&self) -> &Extractor {
+        &self.extractor
+    }
+
+    /// The parent partition (the parent key's variables, dates typed as dates) when
+    /// `key` is a parent object's key; `None` when it does not match the template or
+    /// matches it in more than one way.
+    pub fn match_parent(&self, key: &str) -> Option<Partition> {
+        self.template.match_key(key).map(|vars| Partition { vars })
+    }
+
+    /// The values in one parent object's bytes. Pure; never panics.
+    pub fn extract(&self, bytes: &[u8]) -> Extracted {
+        self.extractor.extract(bytes)
+    }
+
+    /// The dependent partition of `parent` and `value`: the parent's variables followed
+    /// by `var`. `None` unless `parent` has exactly the parent template's variables
+    /// with valid values and `value` passes the extractor's checks.
+    fn child(&self, parent: &Partition, value: &str) -> Option<Partition> {
+        if parent.vars.len() != self.parent_vars.len() {
+            return None;
+        }
+        let mut vars = Vec::with_capacity(self.parent_vars.len() + 1);
+        for ((name, kind), (given, v)) in self.parent_vars.iter().zip(&parent.vars) {
+            if name != given {
+                return None;
+            }
+            let typed = match (kind, v) {
+                (VarKind::Date, Value::Date(d)) => Value::Date(*d),
+                (VarKind::Date, Value::Str(s)) => Value::Date(parse_iso_date(s)?),
+                (VarKind::Text, Value::Str(s)) if is_valid_value(s) => Value::Str(s.clone()),
+                _ => return None,
+            };
+            vars.push((name.clone(), typed));
+        }
+        let value = self.extractor.check(value.as_bytes()).ok()?;
+        vars.push((self.var.clone(), Value::Str(value.to_owned())));
+        Some(Partition { vars })
+    }
 }
 
 /// One scraper: how to run a program for one task.
@@ -136,6 +248,10 @@ impl Catalog {
                 min_bytes: s.min_bytes,
                 generators: s.partitions.0.clone(),
                 objects: s.objects.clone(),
+                dependency: s.partitions.dependency().and_then(FromObjects::from_config),
+                refresh: s.refresh,
+                recheck_after: s.recheck_after,
+                hot: s.hot,
             })
             .collect();
         let scrapers = cfg
@@ -168,10 +284,14 @@ impl Catalog {
         }
     }
 
-    /// Every expected partition of every source, in catalog order, as of `today`.
+    /// Every expected partition of every static source, in catalog order, as of
+    /// `today`. Dependent sources are left out: see [`Catalog::expand_dependent`].
     pub fn expand(&self, today: NaiveDate) -> Vec<ExpectedPartition> {
         let mut out = Vec::new();
         for (i, source) in self.sources.iter().enumerate() {
+            if source.dependency.is_some() {
+                continue;
+            }
             for partition in source.partitions(today) {
                 match source.keys(&partition) {
                     Ok(keys) => out.push(ExpectedPartition {
@@ -190,6 +310,68 @@ impl Catalog {
         out
     }
 
+    /// The partitions of dependent source `source` (an index into
+    /// [`Catalog::sources`]) from its parents' extracted values: for each parent in the
+    /// given order, each of its values in order, the parent's variables followed by the
+    /// source's `var`. A partition whose key, or any of whose object keys, an earlier
+    /// one already has is dropped (first one wins: a game listed in two daily schedules
+    /// is expected once). Values that fail the source's checks and parents whose
+    /// variables do not fit the parent template are skipped. Empty for a static source.
+    pub fn expand_dependent(
+        &self,
+        source: usize,
+        parents: &[(Partition, Vec<String>)],
+    ) -> Vec<ExpectedPartition> {
+        let Some(src) = self.sources.get(source) else {
+            return Vec::new();
+        };
+        let Some(dep) = &src.dependency else {
+            return Vec::new();
+        };
+        let mut partitions: HashSet<String> = HashSet::new();
+        let mut keys_seen: HashSet<String> = HashSet::new();
+        let mut out = Vec::new();
+        for (parent, values) in parents {
+            for value in values {
+                let Some(partition) = dep.child(parent, value) else {
+                    tracing::warn!(source = %src.name, parent = %parent.key(), "skipping a dependent value that does not fit the source");
+                    continue;
+                };
+                if !partitions.insert(partition.key()) {
+                    continue;
+                }
+                let keys = match src.keys(&partition) {
+                    Ok(keys) => keys,
+                    // Validation makes every dependent partition render.
+                    Err(e) => {
+                        debug_assert!(false, "source {} cannot render: {e}", src.name);
+                        tracing::error!(source = %src.name, error = %e, "skipping a partition whose keys do not render");
+                        continue;
+                    }
+                };
+                if keys.iter().any(|k| keys_seen.contains(k)) {
+                    continue;
+                }
+                keys_seen.extend(keys.iter().cloned());
+                out.push(ExpectedPartition {
+                    source,
+                    partition,
+                    keys,
+                });
+            }
+        }
+        out
+    }
+
+    /// The indexes of the dependent sources in [`Catalog::sources`].
+    pub fn dependent_sources(&self) -> impl Iterator<Item = usize> + '_ {
+        self.sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.dependency.is_some())
+            .map(|(i, _)| i)
+    }
+
     /// The source named `name`.
     pub fn source(&self, name: &str) -> Option<&Source> {
         self.source_index(name).map(|i| &self.sources[i])
@@ -205,13 +387,19 @@ impl Catalog {
         self.scrapers.get(&source.scraper)
     }
 
-    /// The literal prefixes of all object templates, sorted, without any prefix that
-    /// lies under another listed one: listing these covers every expected key.
+    /// The literal prefixes of all object templates and of all `from_objects` parent
+    /// templates, sorted, without any prefix that lies under another listed one:
+    /// listing these covers every expected key and every parent object.
     pub fn prefixes(&self) -> Vec<String> {
         let mut all: Vec<&str> = self
             .sources
             .iter()
-            .flat_map(|s| s.objects.iter().map(Template::literal_prefix))
+            .flat_map(|s| {
+                s.objects
+                    .iter()
+                    .chain(s.dependency.as_ref().map(FromObjects::template))
+                    .map(Template::literal_prefix)
+            })
             .collect();
         all.sort_unstable();
         all.dedup();
@@ -227,14 +415,42 @@ impl Catalog {
 }
 
 impl Source {
-    /// The partition variables and their kinds, in declaration order.
+    /// The partition variables and their kinds, in declaration order (for a dependent
+    /// source, the parent template's variables and then its `var`).
     pub fn vars(&self) -> impl Iterator<Item = (&str, VarKind)> {
-        self.generators.iter().map(|g| (g.var(), g.kind()))
+        self.generators.iter().flat_map(Generator::vars)
+    }
+
+    /// Where a dependent source's values come from; `None` for a static source.
+    pub fn dependency(&self) -> Option<&FromObjects> {
+        self.dependency.as_ref()
+    }
+
+    /// The date of `partition`: the value of the source's first date variable, if the
+    /// source has one.
+    pub fn date_of(&self, partition: &Partition) -> Option<NaiveDate> {
+        let (name, _) = self.vars().find(|(_, kind)| *kind == VarKind::Date)?;
+        match partition.get(name)? {
+            Value::Date(d) => Some(*d),
+            Value::Str(s) => parse_iso_date(s),
+        }
+    }
+
+    /// How old an object of `partition` may be on `today` before it is a `stale` gap:
+    /// the source's `refresh.max_age` when the partition's date is within
+    /// `refresh.within` of today, `None` otherwise (its objects never go stale).
+    pub fn max_age(&self, partition: &Partition, today: NaiveDate) -> Option<Duration> {
+        let refresh = self.refresh?;
+        let date = self.date_of(partition)?;
+        refresh.covers(date, today).then_some(refresh.max_age)
     }
 
     /// The source's partitions as of `today`: the cartesian product of its generators
-    /// (the first varies slowest).
+    /// (the first varies slowest). Empty for a dependent source.
     pub fn partitions(&self, today: NaiveDate) -> Vec<Partition> {
+        if self.dependency.is_some() {
+            return Vec::new();
+        }
         let mut out = vec![Partition::default()];
         for g in &self.generators {
             let values = g.values(today);
@@ -267,17 +483,17 @@ impl Source {
         vars: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Option<Partition> {
         let given: Vec<(&str, &str)> = vars.into_iter().collect();
-        if given.len() != self.generators.len() {
+        if given.len() != self.vars().count() {
             return None;
         }
         let mut out = Vec::with_capacity(given.len());
-        for g in &self.generators {
-            let (_, text) = given.iter().find(|(n, _)| *n == g.var())?;
-            let value = match g.kind() {
-                VarKind::Date => Value::Date(crate::template::parse_iso_date(text)?),
+        for (var, kind) in self.vars() {
+            let (_, text) = given.iter().find(|(n, _)| *n == var)?;
+            let value = match kind {
+                VarKind::Date => Value::Date(parse_iso_date(text)?),
                 VarKind::Text => Value::Str((*text).to_owned()),
             };
-            out.push((g.var().to_owned(), value));
+            out.push((var.to_owned(), value));
         }
         Some(Partition { vars: out })
     }
@@ -327,6 +543,8 @@ impl Generator {
                 .iter()
                 .map(|v| Value::Str(v.as_str().to_owned()))
                 .collect(),
+            // Dependent values come from parent objects, not from the calendar.
+            Generator::FromObjects(_) => Vec::new(),
         }
     }
 }
@@ -783,6 +1001,283 @@ mod tests {
         assert_eq!(
             s.partition_from_strings([("date", "2024-10-22"), ("x", "y")]),
             None
+        );
+    }
+
+    /// A schedule source and a dependent play-by-play source reading game ids out of it.
+    const DEPENDENT: &str = "\
+version: 1
+lake: {local: {root: l}}
+scrapers:
+  s:
+    command: [x]
+  game:
+    command: [x, \"{game_id}\", \"--day={date:%Y%m%d}\", \"{out}\"]
+sources:
+  - name: sched
+    scraper: s
+    partitions: {dates: {start: 2024-10-22, end: 2024-10-23}}
+    objects: [\"espn/schedule/{date:%Y%m%d}.json\"]
+  - name: pbp
+    scraper: game
+    partitions:
+      from_objects: {objects: \"espn/schedule/{date:%Y%m%d}.json\", var: game_id, json: /events/*/id}
+    objects: [\"espn/pbp/{game_id}.json\"]
+    refresh: {within: 1d, max_age: 1h}
+    recheck_after: 6h
+    hot: true
+  - name: box
+    scraper: game
+    partitions:
+      from_objects: {objects: \"espn/schedule/{date:%Y%m%d}.json\", var: game_id, lines: true, pattern: \"[0-9]{1,12}\"}
+    objects: [\"espn/box/{date:%Y%m%d}/{game_id}.json\"]
+  - name: lists
+    scraper: s
+    partitions:
+      from_objects: {objects: \"ext/lists/{list}.csv\", var: item, csv: {column: item}}
+    objects: [\"ext/items/{item}.json\"]
+";
+
+    fn parent(date: NaiveDate) -> Partition {
+        Partition {
+            vars: vec![("date".into(), Value::Date(date))],
+        }
+    }
+
+    fn owned(values: &[&str]) -> Vec<String> {
+        values.iter().map(|v| (*v).to_owned()).collect()
+    }
+
+    #[test]
+    fn dependent_sources_are_not_expanded_statically() {
+        let c = catalog(DEPENDENT);
+        let expanded = c.expand(d(2030, 1, 1));
+        assert_eq!(expanded.len(), 2);
+        assert!(expanded.iter().all(|e| e.source == 0));
+        assert_eq!(c.dependent_sources().collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(c.sources[0].dependency().is_none());
+        assert!(c.sources[1].partitions(d(2030, 1, 1)).is_empty());
+        assert_eq!(
+            c.prefixes(),
+            [
+                "espn/box/",
+                "espn/pbp/",
+                "espn/schedule/",
+                "ext/items/",
+                "ext/lists/"
+            ],
+            "parent templates' prefixes are listed too"
+        );
+    }
+
+    #[test]
+    fn dependent_sources_carry_their_settings() {
+        let c = catalog(DEPENDENT);
+        let pbp = &c.sources[1];
+        assert_eq!(
+            pbp.refresh,
+            Some(Refresh {
+                within: Duration::from_secs(86_400),
+                max_age: Duration::from_secs(3600)
+            })
+        );
+        assert_eq!(pbp.recheck_after, Duration::from_secs(6 * 3600));
+        assert!(pbp.hot);
+        let sched = &c.sources[0];
+        assert_eq!(sched.refresh, None);
+        assert_eq!(sched.recheck_after, Duration::from_secs(86_400));
+        assert!(!sched.hot);
+        let vars: Vec<(&str, VarKind)> = pbp.vars().collect();
+        assert_eq!(vars, [("date", VarKind::Date), ("game_id", VarKind::Text)]);
+        let dep = pbp.dependency().unwrap();
+        assert_eq!(dep.var(), "game_id");
+        assert_eq!(dep.template().literal_prefix(), "espn/schedule/");
+        assert_eq!(dep.max_bytes(), crate::extract::DEFAULT_MAX_BYTES);
+    }
+
+    #[test]
+    fn parents_match_and_values_extract() {
+        let c = catalog(DEPENDENT);
+        let dep = c.sources[1].dependency().unwrap();
+        assert_eq!(
+            dep.match_parent("espn/schedule/20241022.json"),
+            Some(parent(d(2024, 10, 22)))
+        );
+        assert_eq!(dep.match_parent("espn/schedule/2024-10-22.json"), None);
+        assert_eq!(dep.match_parent("espn/schedule/20241022.json.bak"), None);
+        let e = dep.extract(br#"{"events": [{"id": "401"}, {"id": 402}, {"id": "../x"}]}"#);
+        assert_eq!(e.values, ["401", "402"]);
+        assert_eq!(e.rejected.len(), 1);
+        let lists = c.sources[3].dependency().unwrap();
+        assert_eq!(
+            lists.match_parent("ext/lists/top-10.csv"),
+            Some(Partition {
+                vars: vec![("list".into(), Value::Str("top-10".into()))]
+            })
+        );
+        assert_eq!(
+            lists
+                .extract(
+                    b"item,n
+abc,1
+"
+                )
+                .values,
+            ["abc"]
+        );
+        let boxes = c.sources[2].dependency().unwrap();
+        let e = boxes.extract(
+            b"401
+abc
+",
+        );
+        assert_eq!(e.values, ["401"]);
+        assert_eq!(e.rejected[0].reason, "does not match pattern `[0-9]{1,12}`");
+    }
+
+    #[test]
+    fn expand_dependent_keeps_order_carries_parent_vars_and_dedupes() {
+        let c = catalog(DEPENDENT);
+        let (d22, d23) = (d(2024, 10, 22), d(2024, 10, 23));
+        let parents = vec![
+            (parent(d22), owned(&["401", "402", "401"])),
+            (parent(d23), owned(&["402", "403"])),
+        ];
+        let pbp = c.expand_dependent(1, &parents);
+        let got: Vec<(String, Vec<String>)> = pbp
+            .iter()
+            .map(|e| (e.partition.key(), e.keys.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "date=2024-10-22,game_id=401".to_owned(),
+                    owned(&["espn/pbp/401.json"])
+                ),
+                (
+                    "date=2024-10-22,game_id=402".to_owned(),
+                    owned(&["espn/pbp/402.json"])
+                ),
+                (
+                    "date=2024-10-23,game_id=403".to_owned(),
+                    owned(&["espn/pbp/403.json"])
+                ),
+            ],
+            "game 402 listed again on the 23rd renders the same key: the first one wins"
+        );
+        assert!(pbp.iter().all(|e| e.source == 1));
+        assert_eq!(pbp[0].partition.get("date"), Some(&Value::Date(d22)));
+
+        // Keys that include the date keep both days' partitions.
+        let boxes = c.expand_dependent(2, &parents);
+        let keys: Vec<&str> = boxes.iter().map(|e| e.keys[0].as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "espn/box/20241022/401.json",
+                "espn/box/20241022/402.json",
+                "espn/box/20241023/402.json",
+                "espn/box/20241023/403.json"
+            ]
+        );
+
+        // Partitions parse back from their keys like static ones.
+        for e in pbp.iter().chain(&boxes) {
+            let s = &c.sources[e.source];
+            assert_eq!(
+                s.parse_partition_key(&e.partition.key()).as_ref(),
+                Some(&e.partition)
+            );
+        }
+    }
+
+    #[test]
+    fn expand_dependent_skips_what_does_not_fit() {
+        let c = catalog(DEPENDENT);
+        let d22 = d(2024, 10, 22);
+        let wrong_parent = Partition {
+            vars: vec![("day".into(), Value::Date(d22))],
+        };
+        let textual_parent = Partition {
+            vars: vec![("date".into(), Value::Str("2024-10-22".into()))],
+        };
+        let parents = vec![
+            (
+                parent(d22),
+                owned(&["../../etc/passwd", "a;rm -rf /", "", "..", "ok1"]),
+            ),
+            (wrong_parent, owned(&["ok2"])),
+            (Partition::default(), owned(&["ok3"])),
+            (textual_parent, owned(&["ok4"])),
+        ];
+        let keys: Vec<String> = c
+            .expand_dependent(1, &parents)
+            .into_iter()
+            .flat_map(|e| e.keys)
+            .collect();
+        assert_eq!(keys, ["espn/pbp/ok1.json", "espn/pbp/ok4.json"]);
+        // The box source's pattern applies here too.
+        assert!(c.expand_dependent(2, &parents).is_empty());
+        assert!(c.expand_dependent(0, &parents).is_empty(), "static source");
+        assert!(
+            c.expand_dependent(99, &parents).is_empty(),
+            "no such source"
+        );
+    }
+
+    #[test]
+    fn a_parent_without_variables_is_one_fixed_object() {
+        let c = with_sources(
+            "  - name: ids\n    scraper: s\n    partitions:\n      from_objects: {objects: ref/ids.txt, var: id, lines: true}\n    objects: [\"by-id/{id}.json\"]\n",
+        );
+        let dep = c.sources[0].dependency().unwrap();
+        assert_eq!(dep.match_parent("ref/ids.txt"), Some(Partition::default()));
+        assert_eq!(dep.match_parent("ref/ids.txt2"), None);
+        let values = dep.extract(b"a1\nb2\n").values;
+        let e = c.expand_dependent(0, &[(Partition::default(), values)]);
+        let keys: Vec<&str> = e.iter().map(|e| e.keys[0].as_str()).collect();
+        assert_eq!(keys, ["by-id/a1.json", "by-id/b2.json"]);
+        assert_eq!(e[1].partition.key(), "id=b2");
+        assert_eq!(c.prefixes(), ["by-id/", "ref/ids.txt"]);
+    }
+
+    #[test]
+    fn refresh_applies_to_recent_dates_only() {
+        let c = catalog(DEPENDENT);
+        let pbp = &c.sources[1];
+        let p = c.expand_dependent(1, &[(parent(d(2024, 10, 22)), owned(&["401"]))])[0]
+            .partition
+            .clone();
+        assert_eq!(pbp.date_of(&p), Some(d(2024, 10, 22)));
+        let hour = Some(Duration::from_secs(3600));
+        assert_eq!(pbp.max_age(&p, d(2024, 10, 21)), hour, "a future date");
+        assert_eq!(pbp.max_age(&p, d(2024, 10, 22)), hour);
+        assert_eq!(pbp.max_age(&p, d(2024, 10, 23)), hour, "within 1d");
+        assert_eq!(pbp.max_age(&p, d(2024, 10, 24)), None);
+        let sched = &c.sources[0];
+        let sp = &sched.partitions(d(2030, 1, 1))[0];
+        assert_eq!(sched.date_of(sp), Some(d(2024, 10, 22)));
+        assert_eq!(sched.max_age(sp, d(2024, 10, 22)), None, "no refresh");
+        assert_eq!(c.sources[3].date_of(&Partition::default()), None);
+    }
+
+    #[test]
+    fn dependent_argv_renders_parent_vars_and_the_value() {
+        let c = catalog(DEPENDENT);
+        let e = &c.expand_dependent(1, &[(parent(d(2024, 10, 22)), owned(&["401"]))])[0];
+        let argv = c.scrapers["game"]
+            .try_render_argv(&ctx(&e.partition, "pbp"))
+            .unwrap();
+        let t = |s: &str| ArgPiece::Text(s.to_owned());
+        assert_eq!(
+            argv,
+            vec![
+                vec![t("x")],
+                vec![t("401")],
+                vec![t("--day=20241022")],
+                vec![ArgPiece::OutputDir]
+            ]
         );
     }
 

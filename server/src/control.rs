@@ -12,11 +12,12 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::autoloop::{LoopHandle, LoopStatus, ReconcileProgress, ReconcileSummary};
+use crate::autoloop::{LoopHandle, LoopStatus};
 use crate::error::Error;
 use crate::logs;
 use crate::model::{Priority, TaskId, TaskState, now_ms};
 use crate::reconcile::Coverage;
+use crate::reconciler::{ReconcileProgress, ReconcileSummary};
 use crate::scheduler::{AgentSnapshot, Command, Handle};
 use crate::store::{self, LogFilter, Readers, TaskFilter, TaskRow};
 

@@ -1,15 +1,21 @@
-//! Reconciliation as a pure function: `plan(sources, expected, observed,
-//! queue, now)` compares what SHOULD exist with what the lake HAS and what the
-//! queue already holds, and returns the gaps, the task upserts they imply and
-//! coverage per source. No I/O: the reconciler in `autoloop` gathers the inputs
-//! and hands the upserts to the scheduler.
+//! Reconciliation as a pure computation: a [`Planner`] is fed every expected
+//! partition one at a time (so millions of them are never held at once),
+//! compares each with what the lake HAS ([`ObservedIndex`]) and what the queue
+//! already holds, and yields the gaps with reasons, the tasks they need and
+//! coverage per source. `plan` is the same over a slice. No I/O: the
+//! reconciler in `autoloop` gathers the inputs and hands the upserts to the
+//! scheduler.
 //!
 //! Architecture invariant: planning twice in a row with the upserts of the
 //! first applied yields no upserts (reconcile never fights the queue).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use crate::model::{GapReason, Partition, Priority, UnixMs};
+use chrono::NaiveDate;
+
+use crate::model::{GapReason, Partition, Priority, UnixMs, Value};
+pub use crate::observed::{ObservedIndex, ObservedObject};
 
 /// What planning needs to know about a source.
 #[derive(Debug, Clone)]
@@ -22,6 +28,18 @@ pub struct PlanSource {
     pub priority: Priority,
     /// Objects smaller than this are gaps.
     pub min_bytes: u64,
+    /// Freshness: objects of partitions dated within `within` of today that
+    /// are older than `max_age` are stale.
+    pub refresh: Option<Refresh>,
+}
+
+/// A source's freshness rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refresh {
+    /// How far back from today a partition's date counts as recent.
+    pub within: Duration,
+    /// How old an object of a recent partition may be.
+    pub max_age: Duration,
 }
 
 /// One partition the catalog expects, with its rendered keys.
@@ -35,17 +53,8 @@ pub struct Expected {
     pub keys: Vec<String>,
 }
 
-/// What the lake holds for one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ObservedObject {
-    /// Size in bytes.
-    pub size: u64,
-    /// Last modification, ms since the Unix epoch.
-    pub modified_ms: UnixMs,
-}
-
 /// Observed objects by key.
-pub type Observed = HashMap<String, ObservedObject>;
+pub type Observed = ObservedIndex;
 
 /// What the queue holds for a partition, as far as planning cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,54 +151,165 @@ impl Plan {
     }
 }
 
-/// Plans one reconcile. See the module docs.
-pub fn plan(
-    sources: &[PlanSource],
-    expected: &[Expected],
-    observed: &Observed,
-    queue: &QueueView,
+/// Plans one reconcile from partitions fed one at a time.
+#[derive(Debug)]
+pub struct Planner<'a> {
+    sources: &'a [PlanSource],
+    observed: &'a ObservedIndex,
+    queue: &'a QueueView,
     now: UnixMs,
-) -> Plan {
-    let mut coverage = vec![Coverage::default(); sources.len()];
-    let mut gaps = Vec::new();
-    for exp in expected {
-        let Some(source) = sources.get(exp.source) else {
+    today: NaiveDate,
+    plan: Plan,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl<'a> Planner<'a> {
+    /// A planner at time `now` (ms since the Unix epoch).
+    pub fn new(
+        sources: &'a [PlanSource],
+        observed: &'a ObservedIndex,
+        queue: &'a QueueView,
+        now: UnixMs,
+    ) -> Self {
+        let today =
+            chrono::DateTime::from_timestamp_millis(now).map_or(NaiveDate::MIN, |t| t.date_naive());
+        Planner {
+            sources,
+            observed,
+            queue,
+            now,
+            today,
+            plan: Plan {
+                gaps: Vec::new(),
+                coverage: vec![Coverage::default(); sources.len()],
+            },
+        }
+    }
+
+    /// Whether objects of `partition` of `source` must be younger than some
+    /// age, and which: the cut-off time, or `None`.
+    fn stale_before(&self, source: &PlanSource, partition: &Partition) -> Option<UnixMs> {
+        let refresh = source.refresh?;
+        let date = partition.vars.iter().find_map(|(_, v)| match v {
+            Value::Date(d) => Some(*d),
+            Value::Str(_) => None,
+        })?;
+        let within_days = i64::try_from(refresh.within.as_secs() / 86_400).unwrap_or(i64::MAX);
+        let recent = (self.today - date).num_days() <= within_days;
+        recent.then(|| self.now.saturating_sub(ms(refresh.max_age)))
+    }
+
+    /// Compares one expected partition of `sources[source]` with the lake.
+    pub fn add(&mut self, source: usize, partition: &Partition, keys: &[String]) {
+        let Some(src) = self.sources.get(source) else {
             debug_assert!(false, "expected partition names an unknown source");
-            continue;
+            return;
         };
-        let cov = &mut coverage[exp.source];
+        let stale_before = self.stale_before(src, partition);
+        let cov = &mut self.plan.coverage[source];
         let mut reason: Option<GapReason> = None;
-        for key in &exp.keys {
+        let worse = |r: GapReason, reason: &mut Option<GapReason>| {
+            // Missing beats too small beats stale.
+            let rank = |g: GapReason| match g {
+                GapReason::Missing => 3,
+                GapReason::TooSmall => 2,
+                GapReason::Stale => 1,
+            };
+            if reason.is_none_or(|cur| rank(r) > rank(cur)) {
+                *reason = Some(r);
+            }
+        };
+        for key in keys {
             cov.expected += 1;
-            match observed.get(key) {
+            match self.observed.get(key) {
                 None => {
                     cov.missing += 1;
-                    reason = Some(GapReason::Missing);
+                    worse(GapReason::Missing, &mut reason);
                 }
-                Some(obj) if obj.size < source.min_bytes => {
+                Some(obj) if obj.size < src.min_bytes => {
                     cov.too_small += 1;
-                    if reason.is_none() {
-                        reason = Some(GapReason::TooSmall);
-                    }
+                    worse(GapReason::TooSmall, &mut reason);
+                }
+                Some(obj) if stale_before.is_some_and(|cut| obj.modified_ms < cut) => {
+                    cov.stale += 1;
+                    worse(GapReason::Stale, &mut reason);
                 }
                 Some(_) => cov.present += 1,
             }
         }
-        let Some(reason) = reason else { continue };
-        let needs_task = match queue.get(&(source.name.clone(), exp.partition.key())) {
+        let Some(reason) = reason else { return };
+        let needs_task = match self.queue.get(&(src.name.clone(), partition.key())) {
             None => true,
             Some(QueueEntry::Active | QueueEntry::Dead | QueueEntry::Cancelled) => false,
-            Some(QueueEntry::Unavailable { recheck_at }) => *recheck_at <= now,
+            Some(QueueEntry::Unavailable { recheck_at }) => *recheck_at <= self.now,
         };
-        gaps.push(Gap {
-            source: exp.source,
-            partition: exp.partition.clone(),
+        self.plan.gaps.push(Gap {
+            source,
+            partition: partition.clone(),
             reason,
-            keys: exp.keys.clone(),
+            keys: keys.to_vec(),
             needs_task,
         });
     }
-    Plan { gaps, coverage }
+
+    /// The plan.
+    pub fn finish(self) -> Plan {
+        self.plan
+    }
+}
+
+/// Plans one reconcile over expected partitions held in a slice.
+pub fn plan(
+    sources: &[PlanSource],
+    expected: &[Expected],
+    observed: &ObservedIndex,
+    queue: &QueueView,
+    now: UnixMs,
+) -> Plan {
+    let mut planner = Planner::new(sources, observed, queue, now);
+    for exp in expected {
+        planner.add(exp.source, &exp.partition, &exp.keys);
+    }
+    planner.finish()
+}
+
+/// Calls `f` with every partition of the cartesian product of `generators`
+/// (each a variable name and its values, in order), reusing one partition
+/// buffer so nothing is allocated per partition beyond cloned string values.
+/// No generators yields one empty partition; a generator with no values
+/// yields nothing.
+pub fn for_each_product(generators: &[(String, Vec<Value>)], mut f: impl FnMut(&Partition)) {
+    if generators.iter().any(|(_, values)| values.is_empty()) {
+        return;
+    }
+    let mut partition = Partition {
+        vars: generators
+            .iter()
+            .map(|(name, values)| (name.clone(), values[0].clone()))
+            .collect(),
+    };
+    let mut index = vec![0usize; generators.len()];
+    loop {
+        f(&partition);
+        // Advance the odometer: the last generator varies fastest.
+        let mut pos = generators.len();
+        loop {
+            if pos == 0 {
+                return;
+            }
+            pos -= 1;
+            index[pos] += 1;
+            if index[pos] < generators[pos].1.len() {
+                partition.vars[pos].1 = generators[pos].1[index[pos]].clone();
+                break;
+            }
+            index[pos] = 0;
+            partition.vars[pos].1 = generators[pos].1[0].clone();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,12 +325,14 @@ mod tests {
                 scraper: "sa".into(),
                 priority: Priority::High,
                 min_bytes: 1,
+                refresh: None,
             },
             PlanSource {
                 name: "b".into(),
                 scraper: "sb".into(),
                 priority: Priority::Low,
                 min_bytes: 10,
+                refresh: None,
             },
         ]
     }
@@ -235,10 +357,10 @@ mod tests {
     #[test]
     fn missing_and_too_small_objects_become_gaps_with_reasons() {
         let exp = vec![expected(0, 1, 2), expected(1, 2, 1), expected(1, 3, 1)];
-        let mut observed = Observed::new();
-        observed.insert("s0/1/0".into(), obj(5));
-        observed.insert("s1/2/0".into(), obj(3)); // below min_bytes 10
-        observed.insert("s1/3/0".into(), obj(30));
+        let mut observed = Observed::default();
+        observed.insert("s0/1/0", obj(5));
+        observed.insert("s1/2/0", obj(3)); // below min_bytes 10
+        observed.insert("s1/3/0", obj(30));
         let plan = plan(&sources(), &exp, &observed, &QueueView::new(), 0);
         let reasons: Vec<_> = plan.gaps.iter().map(|g| (g.source, g.reason)).collect();
         assert_eq!(reasons, [(0, GapReason::Missing), (1, GapReason::TooSmall)]);
@@ -278,7 +400,7 @@ mod tests {
             ("a".into(), "id=4".into()),
             QueueEntry::Unavailable { recheck_at: 10 },
         );
-        let plan = plan(&sources(), &exp, &Observed::new(), &queue, 50);
+        let plan = plan(&sources(), &exp, &Observed::default(), &queue, 50);
         let needs: Vec<_> = plan.gaps.iter().map(|g| g.needs_task).collect();
         assert_eq!(needs, [false, false, false, true, true]);
     }
@@ -304,10 +426,10 @@ mod tests {
                 .filter(|(s, id, _)| seen.insert((*s, *id)))
                 .map(|(s, id, k)| expected(s, id, k))
                 .collect();
-            let mut observed = Observed::new();
+            let mut observed = Observed::default();
             for (id, k, size) in present {
                 for s in 0..2 {
-                    observed.insert(format!("s{s}/{id}/{k}"), obj(size));
+                    observed.insert(&format!("s{s}/{id}/{k}"), obj(size));
                 }
             }
             let mut queue = QueueView::new();
@@ -335,5 +457,82 @@ mod tests {
             prop_assert_eq!(second.gaps.len(), first.gaps.len());
             prop_assert_eq!(&second.coverage, &first.coverage);
         }
+    }
+
+    #[test]
+    fn recent_old_objects_are_stale_and_old_partitions_are_not() {
+        let day = 86_400_000i64;
+        let now = 20_000 * day + 12 * 3_600_000; // noon on day 20000
+        let today = chrono::DateTime::from_timestamp_millis(now)
+            .unwrap()
+            .date_naive();
+        let mut sources = sources();
+        sources[0].refresh = Some(Refresh {
+            within: Duration::from_secs(2 * 86_400),
+            max_age: Duration::from_secs(3600),
+        });
+        let dated = |days_ago: i64, key: &str| Expected {
+            source: 0,
+            partition: Partition {
+                vars: vec![(
+                    "date".into(),
+                    Value::Date(today - chrono::Duration::days(days_ago)),
+                )],
+            },
+            keys: vec![key.to_string()],
+        };
+        let exp = vec![
+            dated(0, "today-old"),
+            dated(1, "yesterday-fresh"),
+            dated(5, "last-week-old"),
+        ];
+        let mut observed = Observed::default();
+        let at = |modified_ms| ObservedObject {
+            size: 10,
+            modified_ms,
+        };
+        observed.insert("today-old", at(now - 2 * 3_600_000));
+        observed.insert("yesterday-fresh", at(now - 60_000));
+        observed.insert("last-week-old", at(now - 3 * day));
+        let plan = plan(&sources, &exp, &observed, &QueueView::new(), now);
+        assert_eq!(plan.gaps.len(), 1);
+        assert_eq!(plan.gaps[0].reason, GapReason::Stale);
+        assert_eq!(plan.gaps[0].keys, ["today-old"]);
+        assert_eq!(plan.coverage[0].stale, 1);
+        assert_eq!(plan.coverage[0].present, 2);
+    }
+
+    #[test]
+    fn product_visits_every_combination_in_order() {
+        let gens = vec![
+            (
+                "a".to_string(),
+                vec![Value::Str("1".into()), Value::Str("2".into())],
+            ),
+            (
+                "b".to_string(),
+                vec![
+                    Value::Str("x".into()),
+                    Value::Str("y".into()),
+                    Value::Str("z".into()),
+                ],
+            ),
+        ];
+        let mut seen = Vec::new();
+        for_each_product(&gens, |p| seen.push(p.key()));
+        assert_eq!(
+            seen,
+            [
+                "a=1,b=x", "a=1,b=y", "a=1,b=z", "a=2,b=x", "a=2,b=y", "a=2,b=z"
+            ]
+        );
+        let mut n = 0;
+        for_each_product(&[], |p| {
+            assert!(p.vars.is_empty());
+            n += 1;
+        });
+        assert_eq!(n, 1);
+        for_each_product(&[("a".into(), Vec::new())], |_| n += 1);
+        assert_eq!(n, 1);
     }
 }

@@ -17,7 +17,6 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::autoloop::{self, LoopOptions};
-use crate::reconciler::{InventorySource, Reconciler};
 use crate::catalog::Catalog;
 use crate::config::{Config, LakeConfig};
 use crate::control::ControlService;
@@ -25,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::gateway::Gateway;
 use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
+use crate::reconciler::{InventorySource, Reconciler};
 use crate::scheduler::{self, Command, SchedulerOptions};
 use crate::store::{self, Readers};
 

@@ -7,6 +7,11 @@
 //! (unclosed braces, bad names, a format chrono rejects or that needs a time of day)
 //! is rejected by [`Template::parse`], so rendering a parsed template can only fail
 //! for a missing variable or a format applied to a value that is not a date.
+//!
+//! Templates also match backwards ([`Template::match_key`]): a key rendered from a
+//! template is split into its variables again, which is how dependent sources find the
+//! variables of the parent objects they read. [`Template::check_matchable`] says whether
+//! a template can be matched at all.
 
 use std::fmt::{self, Write as _};
 
@@ -14,6 +19,7 @@ use chrono::NaiveDate;
 use chrono::format::{Item, StrftimeItems};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::config::{MAX_VALUE_LEN, is_valid_value};
 use crate::model::{Partition, Value};
 
 /// Why a template could not be parsed or rendered.
@@ -68,6 +74,28 @@ pub enum TemplateError {
     MissingVar {
         /// The placeholder's variable.
         name: String,
+    },
+    /// Two placeholders follow each other without literal text between them, so a key
+    /// cannot be split back into their values.
+    #[error(
+        "`{{{first}}}` and `{{{second}}}` follow each other without literal text between them, so keys cannot be split back into their values"
+    )]
+    Adjacent {
+        /// The first placeholder's variable.
+        first: String,
+        /// The second placeholder's variable.
+        second: String,
+    },
+    /// No occurrence of a date variable determines a whole date, so keys cannot be
+    /// parsed back into dates.
+    #[error(
+        "date format `{format}` for `{name}` does not determine a whole date, so keys cannot be parsed back (use a year with a month and day or a day of the year, e.g. %Y%m%d)"
+    )]
+    Unmatchable {
+        /// The date variable.
+        name: String,
+        /// Its first format.
+        format: String,
     },
     /// Rendering found a format on a value that is not a date.
     #[error("`{{{name}:{format}}}` formats a date, but `{name}` is `{value}`, not a date")]
@@ -161,6 +189,20 @@ impl Placeholder {
 
 /// How a date renders without a format.
 const DEFAULT_DATE_FORMAT: &str = "%Y-%m-%d";
+
+/// The variable that matches as a date even without a format (the default variable of
+/// a `dates` generator).
+pub const DATE_VAR: &str = "date";
+
+/// The longest text a date placeholder captures when matching a key.
+const MAX_DATE_CAPTURE: usize = 64;
+
+/// The most splits [`Template::match_key`] tries for one key before giving up; ordinary
+/// keys need a handful, only adversarial ones come close.
+const MAX_MATCH_STEPS: usize = 10_000;
+
+/// Dates a format must round-trip to count as determining a whole date.
+const ROUND_TRIP_PROBES: [(i32, u32, u32); 3] = [(2001, 2, 3), (1999, 12, 31), (2024, 10, 9)];
 
 fn push_date(out: &mut String, d: NaiveDate, fmt: &str) {
     // `%Y-%m-%d` needs nothing but a date, so formatting cannot fail.
@@ -313,6 +355,255 @@ impl Template {
     /// Renders the template with a partition's variables.
     pub fn render_partition(&self, partition: &Partition) -> Result<String, TemplateError> {
         self.render(&|name| partition.get(name).map(Arg::from))
+    }
+
+    /// Whether variable `name` holds a date when keys are matched: it has a format in
+    /// some placeholder, or it is named `date` (and then, unformatted, is `YYYY-MM-DD`).
+    pub fn is_date_var(&self, name: &str) -> bool {
+        name == DATE_VAR
+            || self
+                .placeholders()
+                .any(|p| p.name == name && p.format.is_some())
+    }
+
+    /// Checks that keys rendered from this template can be split back into their
+    /// variables: a literal separates every two placeholders, and every date variable
+    /// has an occurrence whose format determines a whole date.
+    pub fn check_matchable(&self) -> Result<(), TemplateError> {
+        for pair in self.pieces.windows(2) {
+            if let [Piece::Var(a), Piece::Var(b)] = pair {
+                return Err(TemplateError::Adjacent {
+                    first: a.name.clone(),
+                    second: b.name.clone(),
+                });
+            }
+        }
+        for name in self.vars().filter(|n| self.is_date_var(n)) {
+            let occurrences: Vec<&Placeholder> =
+                self.placeholders().filter(|p| p.name == name).collect();
+            if !occurrences.iter().any(|p| p.determines_date()) {
+                let format = occurrences
+                    .iter()
+                    .find_map(|p| p.format().map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(TemplateError::Unmatchable {
+                    name: name.to_owned(),
+                    format,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits `key` into the template's variables, in order of first use: the inverse of
+    /// rendering. Text variables match `[A-Za-z0-9._-]{1,128}` (not only dots); date
+    /// variables (see [`Template::is_date_var`]) match text their format parses into a
+    /// date and renders back exactly. `None` when the key does not match, when it
+    /// matches in more than one way (`{a}.{b}` against `x.y.z`), or when the template
+    /// fails [`Template::check_matchable`].
+    pub fn match_key(&self, key: &str) -> Option<Vec<(String, Value)>> {
+        // Most keys of a listing fail on the literal ends; they cost no allocation.
+        if !key.starts_with(self.literal_prefix()) {
+            return None;
+        }
+        if let Some(Piece::Text(last)) = self.pieces.last()
+            && !key.ends_with(last.as_str())
+        {
+            return None;
+        }
+        if self
+            .pieces
+            .windows(2)
+            .any(|w| matches!(w, [Piece::Var(_), Piece::Var(_)]))
+        {
+            return None;
+        }
+        let names: Vec<&str> = self.vars().collect();
+        let mut m = Matcher {
+            template: self,
+            key,
+            date: self
+                .pieces
+                .iter()
+                .map(|p| matches!(p, Piece::Var(v) if self.is_date_var(&v.name)))
+                .collect(),
+            names,
+            captures: Vec::with_capacity(self.pieces.len()),
+            found: None,
+            ambiguous: false,
+            steps: 0,
+        };
+        m.search(0, 0);
+        if m.ambiguous || m.steps > MAX_MATCH_STEPS {
+            return None;
+        }
+        m.found
+    }
+}
+
+impl Placeholder {
+    /// Whether a capture of this placeholder alone yields a whole date: unformatted
+    /// (`YYYY-MM-DD`), or a format that round-trips sample dates.
+    fn determines_date(&self) -> bool {
+        let Some(format) = &self.format else {
+            return true;
+        };
+        ROUND_TRIP_PROBES.iter().all(|&(y, m, d)| {
+            let Some(date) = NaiveDate::from_ymd_opt(y, m, d) else {
+                return false;
+            };
+            let mut text = String::new();
+            if write!(text, "{}", date.format_with_items(format.items.iter())).is_err() {
+                return false;
+            }
+            NaiveDate::parse_from_str(&text, &format.text) == Ok(date)
+        })
+    }
+
+    /// The date a capture of this placeholder denotes, if it parses.
+    fn parse_date(&self, text: &str) -> Option<NaiveDate> {
+        match &self.format {
+            None => parse_iso_date(text),
+            Some(f) => NaiveDate::parse_from_str(text, &f.text).ok(),
+        }
+    }
+}
+
+/// Whether `b` may appear in a text variable's value.
+fn is_value_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// A backtracking split of one key along a template's pieces.
+struct Matcher<'t, 'k> {
+    template: &'t Template,
+    key: &'k str,
+    /// Per piece: whether it is a date placeholder.
+    date: Vec<bool>,
+    /// The variables in order of first use.
+    names: Vec<&'t str>,
+    /// Per placeholder so far: the byte range of its capture.
+    captures: Vec<(usize, usize)>,
+    found: Option<Vec<(String, Value)>>,
+    ambiguous: bool,
+    steps: usize,
+}
+
+impl Matcher<'_, '_> {
+    fn done(&self) -> bool {
+        self.ambiguous || self.steps > MAX_MATCH_STEPS
+    }
+
+    /// Matches pieces `i..` against `key[pos..]`.
+    fn search(&mut self, i: usize, pos: usize) {
+        self.steps += 1;
+        if self.done() {
+            return;
+        }
+        let pieces = &self.template.pieces;
+        let Some(piece) = pieces.get(i) else {
+            if pos == self.key.len() {
+                self.complete();
+            }
+            return;
+        };
+        let rest = &self.key[pos..];
+        match piece {
+            Piece::Text(t) => {
+                if rest.starts_with(t.as_str()) {
+                    self.search(i + 1, pos + t.len());
+                }
+            }
+            Piece::Var(_) => {
+                let is_date = self.date[i];
+                let max = if is_date {
+                    MAX_DATE_CAPTURE
+                } else {
+                    // A text value ends at the first byte it may not contain.
+                    MAX_VALUE_LEN.min(
+                        rest.bytes()
+                            .position(|b| !is_value_byte(b))
+                            .unwrap_or(rest.len()),
+                    )
+                };
+                let limit = pos + max.min(rest.len());
+                match pieces.get(i + 1) {
+                    None => {
+                        if limit == self.key.len() && limit > pos {
+                            self.capture(i, pos, limit);
+                        }
+                    }
+                    Some(Piece::Text(lit)) => {
+                        // Every occurrence of the next literal ends a candidate capture.
+                        let mut from = pos + rest.chars().next().map_or(1, char::len_utf8);
+                        while from <= limit && !self.done() {
+                            let Some(off) = self.key.get(from..).and_then(|r| r.find(lit.as_str()))
+                            else {
+                                break;
+                            };
+                            let end = from + off;
+                            if end > limit {
+                                break;
+                            }
+                            self.capture(i, pos, end);
+                            from = end + self.key[end..].chars().next().map_or(1, char::len_utf8);
+                        }
+                    }
+                    // Adjacent placeholders are refused before the search starts.
+                    Some(Piece::Var(_)) => {}
+                }
+            }
+        }
+    }
+
+    fn capture(&mut self, i: usize, start: usize, end: usize) {
+        self.captures.push((start, end));
+        self.search(i + 1, end);
+        self.captures.pop();
+    }
+
+    /// Turns the captures of one complete split into variables, checks that they render
+    /// back to the key, and records them (a second, different result is ambiguous).
+    fn complete(&mut self) {
+        let placeholders: Vec<&Placeholder> = self.template.placeholders().collect();
+        let mut vars: Vec<(String, Value)> = Vec::with_capacity(self.names.len());
+        for name in &self.names {
+            let mut value = None;
+            for (p, &(start, end)) in placeholders.iter().zip(&self.captures) {
+                if p.name != *name {
+                    continue;
+                }
+                let text = &self.key[start..end];
+                if self.template.is_date_var(name) {
+                    if let Some(d) = p.parse_date(text) {
+                        value = Some(Value::Date(d));
+                        break;
+                    }
+                } else {
+                    if is_valid_value(text) {
+                        value = Some(Value::Str(text.to_owned()));
+                    }
+                    break;
+                }
+            }
+            let Some(value) = value else {
+                return;
+            };
+            vars.push(((*name).to_owned(), value));
+        }
+        let rendered = self.template.render(&|n| {
+            vars.iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, v)| Arg::from(v))
+        });
+        if rendered.as_deref() != Ok(self.key) {
+            return;
+        }
+        match &self.found {
+            None => self.found = Some(vars),
+            Some(first) if *first == vars => {}
+            Some(_) => self.ambiguous = true,
+        }
     }
 }
 
@@ -577,6 +868,193 @@ mod tests {
             "2024-01-0１",
         ] {
             assert_eq!(parse_iso_date(bad), None, "{bad}");
+        }
+    }
+
+    fn matched(t: &str, key: &str) -> Option<Vec<(String, Value)>> {
+        let t = Template::parse(t).unwrap();
+        t.check_matchable().unwrap();
+        t.match_key(key)
+    }
+
+    fn text(name: &str, v: &str) -> (String, Value) {
+        (name.to_owned(), Value::Str(v.to_owned()))
+    }
+
+    fn day(name: &str, y: i32, m: u32, d: u32) -> (String, Value) {
+        (name.to_owned(), Value::Date(date(y, m, d)))
+    }
+
+    #[test]
+    fn keys_match_back_into_dates_and_values() {
+        assert_eq!(
+            matched(
+                "espn/schedule/{date:%Y%m%d}.json",
+                "espn/schedule/20241022.json"
+            ),
+            Some(vec![day("date", 2024, 10, 22)])
+        );
+        assert_eq!(
+            matched("s/{date}/x", "s/2024-02-29/x"),
+            Some(vec![day("date", 2024, 2, 29)])
+        );
+        assert_eq!(
+            matched(
+                "nba/{season}/{team}/{day:%Y/%m/%d}.json",
+                "nba/2024-25/BOS/2024/10/22.json"
+            ),
+            Some(vec![
+                text("season", "2024-25"),
+                text("team", "BOS"),
+                day("day", 2024, 10, 22)
+            ])
+        );
+        assert_eq!(
+            matched("box/{game_id}.json", "box/0022400061.json"),
+            Some(vec![text("game_id", "0022400061")])
+        );
+        // A value may contain the literal that follows it, as long as only one split works.
+        assert_eq!(
+            matched("v/{id}.csv", "v/a.b.csv"),
+            Some(vec![text("id", "a.b")])
+        );
+        assert_eq!(
+            matched("{season}-{team}.csv", "2015-16-BOS.csv"),
+            None,
+            "`2015` + `16-BOS` and `2015-16` + `BOS` both render the key"
+        );
+        // A partial format is checked against the full one.
+        let t = "a/{date:%Y}/{date:%Y%m%d}.json";
+        assert_eq!(
+            matched(t, "a/2024/20241022.json"),
+            Some(vec![day("date", 2024, 10, 22)])
+        );
+        assert_eq!(matched(t, "a/2023/20241022.json"), None);
+        assert_eq!(
+            matched("d/{date:%b %-d, %Y}", "d/Oct 2, 2024"),
+            Some(vec![day("date", 2024, 10, 2)])
+        );
+    }
+
+    #[test]
+    fn keys_that_do_not_fit_do_not_match() {
+        let t = "espn/schedule/{date:%Y%m%d}.json";
+        for key in [
+            "espn/schedule/20241022.csv",
+            "espn/scheduled/20241022.json",
+            "espn/schedule/20241322.json",
+            "espn/schedule/2024102.json",
+            "espn/schedule/+20241022.json",
+            "espn/schedule/020241022.json",
+            "espn/schedule/.json",
+            "espn/schedule/20241022.json.tmp",
+            "",
+        ] {
+            assert_eq!(matched(t, key), None, "{key}");
+        }
+        assert_eq!(matched("s/{date}", "s/2024-1-02"), None);
+        let t = "x/{id}.json";
+        let long = format!("x/{}.json", "a".repeat(129));
+        for key in [
+            "x/.json",
+            "x/...json",
+            "x/a;b.json",
+            "x/a/b.json",
+            "x/é.json",
+            "x/a b.json",
+            long.as_str(),
+        ] {
+            assert_eq!(matched(t, key), None, "{key}");
+        }
+        assert!(matched(t, &format!("x/{}.json", "a".repeat(128))).is_some());
+        assert_eq!(matched("{a}.{b}.json", "x.y.z.json"), None, "ambiguous");
+        assert_eq!(
+            matched("{a}.{b}.json", "x.y.json"),
+            Some(vec![text("a", "x"), text("b", "y")])
+        );
+    }
+
+    #[test]
+    fn templates_that_cannot_match_back_are_refused() {
+        let err = Template::parse("a/{x}{y}.json")
+            .unwrap()
+            .check_matchable()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            TemplateError::Adjacent {
+                first: "x".into(),
+                second: "y".into()
+            }
+        );
+        assert!(err.to_string().contains("without literal text"), "{err}");
+        assert_eq!(Template::parse("a/{x}{y}").unwrap().match_key("a/bc"), None);
+        for t in ["{date:%Y}", "{date:%Y-%m}", "{day:%d}.json", "{d:%m%d}"] {
+            let err = Template::parse(t).unwrap().check_matchable().unwrap_err();
+            assert!(
+                matches!(err, TemplateError::Unmatchable { .. }),
+                "{t}: {err:?}"
+            );
+        }
+        for t in [
+            "{date:%Y-%j}",
+            "{d:%y%m%d}",
+            "{date}",
+            "{x}/{y}",
+            "static",
+            "{date:%F}",
+        ] {
+            assert_eq!(Template::parse(t).unwrap().check_matchable(), Ok(()), "{t}");
+        }
+        let t = Template::parse("{date}/{day:%Y%m%d}/{id}").unwrap();
+        assert!(t.is_date_var("date") && t.is_date_var("day") && !t.is_date_var("id"));
+    }
+
+    #[test]
+    fn adversarial_keys_end_quickly() {
+        let t = Template::parse("{a}-{b}-{c}-{d}-{e}.json").unwrap();
+        assert_eq!(t.match_key("x-x-x-x-x.json").map(|v| v.len()), Some(5));
+        let key = format!("{}.json", vec!["x"; 600].join("-"));
+        assert_eq!(t.match_key(&key), None);
+        let key = format!("{}.json", vec!["x"; 60].join("-"));
+        assert_eq!(t.match_key(&key), None, "ambiguous");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn rendered_keys_match_back(
+            y in 1900i32..2100,
+            doy in 1u32..366,
+            id in "[A-Za-z0-9_-][A-Za-z0-9._-]{0,20}",
+            fmt in prop::sample::select(vec!["%Y%m%d", "%Y-%m-%d", "%Y/%m/%d", "%d.%m.%Y", "%Y-%j", "%y%m%d"]),
+        ) {
+            let d = NaiveDate::from_yo_opt(y, doy).unwrap_or_default();
+            let t = Template::parse(&format!("p/{{date:{fmt}}}/{{id}}.json")).unwrap();
+            t.check_matchable().unwrap();
+            let key = t
+                .render(&|n| if n == "date" { Some(Arg::Date(d)) } else { Some(Arg::Text(&id)) })
+                .unwrap();
+            let expected = vec![
+                ("date".to_owned(), Value::Date(d)),
+                ("id".to_owned(), Value::Str(id.clone())),
+            ];
+            // `%y` parses 70-99 as 19xx and 00-69 as 20xx; other years are not the key's date.
+            if fmt != "%y%m%d" || (1970..=2069).contains(&y) {
+                prop_assert_eq!(t.match_key(&key), Some(expected));
+            }
+        }
+
+        #[test]
+        fn matching_arbitrary_keys_never_panics(key in "\\PC{0,80}") {
+            for t in ["{a}.{b}", "x/{date:%Y%m%d}/{id}.json", "{date}", "{a}-{b}-{c}"] {
+                let t = Template::parse(t).unwrap();
+                if let Some(vars) = t.match_key(&key) {
+                    let rendered = t.render(&|n| vars.iter().find(|(k, _)| k == n).map(|(_, v)| Arg::from(v)));
+                    prop_assert_eq!(rendered.as_deref(), Ok(key.as_str()));
+                }
+            }
         }
     }
 

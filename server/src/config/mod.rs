@@ -9,6 +9,7 @@
 //! references, template variables, duplicates) and points at the offending value
 //! through the index.
 
+mod dependent;
 mod duration;
 mod partitions;
 mod position;
@@ -24,12 +25,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use dependent::{FromObjectsGenerator, Refresh};
 pub use partitions::{
     DEFAULT_SEASON_START_MONTH, DateEnd, DatesGenerator, Generator, Partitions, Season, SeasonEnd,
     SeasonFormat, SeasonsGenerator, Step, ValuesGenerator, VarKind,
 };
 pub use position::{Position, PositionIndex, Segment, YamlPath};
-pub use scalars::{ByteSize, CURRENT_VERSION, MAX_VALUE_LEN, PartitionValue, Rate, RatePeriod};
+pub use scalars::{
+    ByteSize, CURRENT_VERSION, MAX_VALUE_LEN, PartitionValue, Rate, RatePeriod, is_valid_value,
+};
 
 use crate::model::Priority;
 use crate::template::Template;
@@ -67,6 +71,8 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JITTER: f64 = 0.1;
 /// The smallest acceptable object by default: an empty object is a gap.
 pub const DEFAULT_MIN_BYTES: u64 = 1;
+/// How long an `unavailable` task (exit 69) waits before it is looked at again, by default.
+pub const DEFAULT_RECHECK_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -443,10 +449,25 @@ pub struct SourceConfig {
     pub partitions: Partitions,
     /// Object key templates, one object per template and partition.
     pub objects: Vec<Template>,
+    /// Re-fetch objects of recent partitions once they are older than `max_age`
+    /// (needs a date partition variable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<Refresh>,
+    /// How long a task whose data did not exist yet (exit 69) waits before it is
+    /// looked at again.
+    #[serde(default = "default_recheck_after", with = "duration")]
+    pub recheck_after: Duration,
+    /// Always confirm this source by listing, even when an inventory report is used.
+    #[serde(default)]
+    pub hot: bool,
 }
 
 fn default_min_bytes() -> u64 {
     DEFAULT_MIN_BYTES
+}
+
+fn default_recheck_after() -> Duration {
+    DEFAULT_RECHECK_AFTER
 }
 
 impl Config {

@@ -1,6 +1,7 @@
-//! Partition generators as written in a source's `partitions:`: `dates`, `seasons` and
-//! `values`, one generator or a list of them (their cartesian product), with their YAML
-//! forms. Expansion into partitions lives in the catalog.
+//! Partition generators as written in a source's `partitions:`: `dates`, `seasons`,
+//! `values` and `from_objects`, one generator or a list of them (their cartesian
+//! product; `from_objects` stands alone), with their YAML forms. Expansion into
+//! partitions lives in the catalog.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,6 +11,7 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::dependent::FromObjectsGenerator;
 use super::scalars::{PartitionValue, excerpt, from_text as text, is_valid_var};
 use crate::template::parse_iso_date;
 
@@ -36,15 +38,19 @@ pub enum Generator {
     Seasons(SeasonsGenerator),
     /// A fixed list of values.
     Values(ValuesGenerator),
+    /// Values read out of other lake objects (a dependent source).
+    FromObjects(FromObjectsGenerator),
 }
 
 impl Generator {
-    /// The variable the generator defines.
+    /// The variable the generator defines itself (for `from_objects`, its `var`; the
+    /// parent's variables come with it, see [`Generator::vars`]).
     pub fn var(&self) -> &str {
         match self {
             Generator::Dates(g) => &g.var,
             Generator::Seasons(g) => &g.var,
             Generator::Values(g) => &g.var,
+            Generator::FromObjects(g) => &g.var,
         }
     }
 
@@ -52,16 +58,32 @@ impl Generator {
     pub fn kind(&self) -> VarKind {
         match self {
             Generator::Dates(_) => VarKind::Date,
-            Generator::Seasons(_) | Generator::Values(_) => VarKind::Text,
+            Generator::Seasons(_) | Generator::Values(_) | Generator::FromObjects(_) => {
+                VarKind::Text
+            }
         }
     }
 
-    /// The generator's key in YAML (`dates`, `seasons`, `values`).
+    /// Every variable the generator contributes to a partition, in order: its own, or
+    /// for `from_objects` the parent key's variables followed by its own.
+    pub fn vars(&self) -> Vec<(&str, VarKind)> {
+        match self {
+            Generator::FromObjects(g) => {
+                let mut vars = g.parent_vars();
+                vars.push((&g.var, VarKind::Text));
+                vars
+            }
+            _ => vec![(self.var(), self.kind())],
+        }
+    }
+
+    /// The generator's key in YAML (`dates`, `seasons`, `values`, `from_objects`).
     pub fn key(&self) -> &'static str {
         match self {
             Generator::Dates(_) => "dates",
             Generator::Seasons(_) => "seasons",
             Generator::Values(_) => "values",
+            Generator::FromObjects(_) => "from_objects",
         }
     }
 }
@@ -355,7 +377,7 @@ pub struct ValuesGenerator {
     pub values: Vec<PartitionValue>,
 }
 
-fn var_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+pub(super) fn var_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     struct Var(String);
     impl FromStr for Var {
         type Err = String;
@@ -393,6 +415,7 @@ enum GeneratorKind {
     Dates,
     Seasons,
     Values,
+    FromObjects,
 }
 
 impl FromStr for GeneratorKind {
@@ -402,8 +425,9 @@ impl FromStr for GeneratorKind {
             "dates" => Ok(GeneratorKind::Dates),
             "seasons" => Ok(GeneratorKind::Seasons),
             "values" => Ok(GeneratorKind::Values),
+            "from_objects" => Ok(GeneratorKind::FromObjects),
             _ => Err(format!(
-                "unknown partition generator `{}`, expected one of `dates`, `seasons`, `values`",
+                "unknown partition generator `{}`, expected one of `dates`, `seasons`, `values`, `from_objects`",
                 excerpt(s)
             )),
         }
@@ -420,13 +444,14 @@ impl<'de> Deserialize<'de> for GeneratorKind {
 fn read_generator<'de, A: MapAccess<'de>>(mut map: A) -> Result<Generator, A::Error> {
     let Some(kind) = map.next_key::<GeneratorKind>()? else {
         return Err(de::Error::custom(
-            "empty partition generator: expected one of `dates`, `seasons`, `values`",
+            "empty partition generator: expected one of `dates`, `seasons`, `values`, `from_objects`",
         ));
     };
     let generator = match kind {
         GeneratorKind::Dates => Generator::Dates(map.next_value()?),
         GeneratorKind::Seasons => Generator::Seasons(map.next_value()?),
         GeneratorKind::Values => Generator::Values(map.next_value()?),
+        GeneratorKind::FromObjects => Generator::FromObjects(map.next_value()?),
     };
     if let Some(other) = map.next_key::<String>()? {
         return Err(de::Error::custom(format_args!(
@@ -444,7 +469,9 @@ impl<'de> Deserialize<'de> for Generator {
         impl<'de> Visitor<'de> for V {
             type Value = Generator;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a partition generator (`dates`, `seasons` or `values`)")
+                f.write_str(
+                    "a partition generator (`dates`, `seasons`, `values` or `from_objects`)",
+                )
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Generator, A::Error> {
                 read_generator(map)
@@ -461,6 +488,7 @@ impl Serialize for Generator {
             Generator::Dates(g) => map.serialize_entry("dates", g)?,
             Generator::Seasons(g) => map.serialize_entry("seasons", g)?,
             Generator::Values(g) => map.serialize_entry("values", g)?,
+            Generator::FromObjects(g) => map.serialize_entry("from_objects", g)?,
         }
         map.end()
     }
@@ -515,9 +543,18 @@ impl Partitions {
         self.0.is_empty()
     }
 
-    /// The variables and their kinds, in declaration order.
+    /// The variables and their kinds, in declaration order (a `from_objects`
+    /// generator's parent variables first, then its own).
     pub fn vars(&self) -> impl Iterator<Item = (&str, VarKind)> {
-        self.0.iter().map(|g| (g.var(), g.kind()))
+        self.0.iter().flat_map(Generator::vars)
+    }
+
+    /// The `from_objects` generator of a dependent source.
+    pub fn dependency(&self) -> Option<&FromObjectsGenerator> {
+        self.0.iter().find_map(|g| match g {
+            Generator::FromObjects(f) => Some(f),
+            _ => None,
+        })
     }
 }
 

@@ -236,12 +236,7 @@ impl FromStr for PartitionValue {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let ok = !s.is_empty()
-            && s.len() <= MAX_VALUE_LEN
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            && !s.bytes().all(|b| b == b'.');
-        if ok {
+        if is_valid_value(s) {
             Ok(PartitionValue(s.to_owned()))
         } else {
             Err(format!(
@@ -268,6 +263,17 @@ impl<'de> Deserialize<'de> for PartitionValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         from_text(d, "a partition value")
     }
+}
+
+/// Whether `s` is safe as a partition value inside object keys, paths and argv:
+/// `[A-Za-z0-9._-]{1,128}` and not only dots. Every partition value passes this, whether
+/// listed in the config, parsed out of a key or extracted from a parent object.
+pub fn is_valid_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_VALUE_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !s.bytes().all(|b| b == b'.')
 }
 
 /// Whether `s` is a valid name for a source, scraper or limit group: `[A-Za-z0-9_.-]{1,64}`.

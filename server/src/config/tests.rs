@@ -657,13 +657,35 @@ fn example_config_parses_and_covers_every_section() {
         .iter()
         .flat_map(|s| s.partitions.0.iter().map(Generator::key))
         .collect();
-    for k in ["dates", "seasons", "values"] {
+    for k in ["dates", "seasons", "values", "from_objects"] {
         assert!(kinds.contains(&k), "example lacks a `{k}` generator");
     }
     assert!(
         cfg.sources.iter().any(|s| s.partitions.0.len() > 1),
         "example lacks a product"
     );
+    for (what, present) in [
+        ("refresh", cfg.sources.iter().any(|s| s.refresh.is_some())),
+        ("hot", cfg.sources.iter().any(|s| s.hot)),
+        (
+            "recheck_after",
+            cfg.sources
+                .iter()
+                .any(|s| s.recheck_after != DEFAULT_RECHECK_AFTER),
+        ),
+    ] {
+        assert!(present, "example lacks `{what}`");
+    }
+    let s3 = cfg.lake.s3.as_ref().expect("the example uses an S3 lake");
+    assert_eq!(s3.bucket, "nba-lake");
+    assert_eq!(
+        s3.inventory.as_ref().map(|i| i.config_id.as_str()),
+        Some("daily-csv")
+    );
+    let pbp = cfg
+        .source("espn_pbp")
+        .and_then(|s| s.partitions.dependency());
+    assert_eq!(pbp.map(|f| f.var.as_str()), Some("game_id"));
 }
 
 #[test]
@@ -723,4 +745,375 @@ fn retry_delays_grow_cap_and_jitter() {
     );
     assert!(r.allows_another(2));
     assert!(!r.allows_another(3));
+}
+
+/// A dependent source `p` reading game ids out of source `a`-like schedule files.
+fn dependent(from_objects: &str, extra: &str) -> String {
+    with_source(&format!(
+        "  - name: p\n    scraper: s\n    partitions:\n      from_objects: {from_objects}\n    objects: [\"pbp/{{game_id}}.json\"]\n{extra}"
+    ))
+}
+
+const FROM_SCHEDULE: &str =
+    "{objects: \"sched/{date:%Y%m%d}.json\", var: game_id, json: /events/*/id}";
+
+#[test]
+fn dependent_sources_parse_with_their_defaults() {
+    let cfg = parse(&dependent(FROM_SCHEDULE, "")).unwrap();
+    let p = &cfg.sources[1];
+    let Some(fo) = p.partitions.dependency() else {
+        panic!("from_objects expected");
+    };
+    assert_eq!(fo.var, "game_id");
+    assert_eq!(fo.objects.as_str(), "sched/{date:%Y%m%d}.json");
+    assert_eq!(fo.json.as_ref().map(|j| j.as_str()), Some("/events/*/id"));
+    assert_eq!(fo.max_bytes, 64 << 20);
+    assert_eq!(fo.pattern, None);
+    let vars: Vec<(&str, VarKind)> = p.partitions.vars().collect();
+    assert_eq!(vars, [("date", VarKind::Date), ("game_id", VarKind::Text)]);
+    assert_eq!(p.refresh, None);
+    assert_eq!(p.recheck_after, Duration::from_secs(86_400));
+    assert!(!p.hot);
+
+    let src = dependent(
+        "{objects: \"lists/{list}.csv\", var: item, csv: {column: 2, header: false}, pattern: \"[a-z]+\", max_bytes: 1MiB}",
+        "    hot: true\n    recheck_after: 6h\n",
+    )
+    .replace("pbp/{game_id}", "items/{item}");
+    let cfg = parse(&src).unwrap();
+    let fo = cfg.sources[1].partitions.dependency().unwrap();
+    assert_eq!(
+        fo.csv,
+        Some(crate::extract::CsvColumn {
+            column: crate::extract::Column::Index(2),
+            header: false
+        })
+    );
+    assert_eq!(fo.pattern.as_ref().map(|p| p.as_str()), Some("[a-z]+"));
+    assert_eq!(fo.max_bytes, 1 << 20);
+    assert!(cfg.sources[1].hot);
+    assert_eq!(cfg.sources[1].recheck_after, Duration::from_secs(6 * 3600));
+    let dumped = cfg.dump();
+    assert_eq!(parse(&dumped).unwrap(), cfg, "{dumped}");
+}
+
+#[test]
+fn from_objects_stands_alone_and_needs_one_extraction() {
+    let src = with_source(
+        "  - name: p\n    scraper: s\n    partitions:\n      - values: {var: v, values: [x]}\n      - from_objects: {objects: \"sched/{date}.json\", var: game_id, lines: true}\n    objects: [\"pbp/{v}/{game_id}.json\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "from_objects",
+        0,
+        &[
+            "`from_objects` must be the only generator of source `p`",
+            "product",
+        ],
+    );
+
+    let src = dependent("{objects: \"sched/{date}.json\", var: game_id}", "");
+    assert_err_at(
+        &src,
+        "{objects",
+        0,
+        &["needs one of `json: PATH`, `csv: {column: NAME}` or `lines: true`"],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, json: /a, lines: true}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "lines",
+        0,
+        &["reads values one way: `json` and `lines` are both given"],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, jsn: /a}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "jsn",
+        0,
+        &["unknown field `jsn`", "`json`", "`csv`", "`lines`"],
+    );
+
+    let src = dependent("{objects: \"sched/{date}.json\", json: /a}", "");
+    assert_err_at(&src, "{objects", 0, &["missing field `var`"]);
+}
+
+#[test]
+fn parent_templates_must_match_back() {
+    let src = dependent(
+        "{objects: \"sched/{date}{league}.json\", var: game_id, json: /a}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "\"sched/{date}{league}.json\"",
+        0,
+        &[
+            "parent template `sched/{date}{league}.json`",
+            "`{date}` and `{league}` follow each other",
+        ],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{date:%Y-%m}.json\", var: game_id, json: /a}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "\"sched/{date:%Y-%m}.json\"",
+        0,
+        &["`%Y-%m` for `date` does not determine a whole date"],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{source}/{date}.json\", var: game_id, json: /a}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "\"sched/{source}/{date}.json\"",
+        0,
+        &["uses `{source}`, a built-in placeholder"],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{League}/{date}.json\", var: game_id, json: /a}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "\"sched/{League}/{date}.json\"",
+        0,
+        &["`{League}`", "not a valid partition variable name"],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{game_id}.json\", var: game_id, json: /a}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "game_id,",
+        0,
+        &["`var` `game_id` is also a variable of the parent template"],
+    );
+
+    let src = dependent(
+        "{objects: \"/sched/{date}.json\", var: game_id, json: /a}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "\"/sched/{date}.json\"",
+        0,
+        &["must not start or end with `/`"],
+    );
+
+    let src = dependent("{objects: \"pbp/{x}.json\", var: game_id, json: /a}", "")
+        .replace("[\"pbp/{game_id}.json\"]", "[\"pbp/{x}.json\"]");
+    assert_err_at(
+        &src,
+        "\"pbp/{x}.json\", var",
+        0,
+        &["reads its values out of its own objects"],
+    );
+}
+
+#[test]
+fn extraction_settings_are_checked_with_positions() {
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, json: events/*/id}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "events/*/id",
+        0,
+        &["invalid JSON path `events/*/id`", "starts with `/`"],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, json: /a, pattern: \"[0-9\"}",
+        "",
+    );
+    assert_err_at(&src, "\"[0-9\"", 0, &["invalid pattern `[0-9`"]);
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, csv: {column: game_id, header: false}}",
+        "",
+    );
+    assert_err_at(
+        &src,
+        "game_id, header",
+        0,
+        &["column `game_id` is a name, which needs a header row"],
+    );
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, csv: {column: -1}}",
+        "",
+    );
+    assert_err_at(&src, "-1", 0, &["invalid column index -1"]);
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, csv: {col: 1}}",
+        "",
+    );
+    assert_err_at(&src, "col:", 0, &["unknown field `col`", "`column`"]);
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, lines: true, max_bytes: lots}",
+        "",
+    );
+    assert_err_at(&src, "lots", 0, &["invalid size `lots`"]);
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: game_id, lines: true, max_bytes: 0}",
+        "",
+    );
+    assert_err_at(&src, "0}", 0, &["`max_bytes` must be at least 1"]);
+
+    let src = dependent(
+        "{objects: \"sched/{date}.json\", var: Game, lines: true}",
+        "",
+    );
+    assert_err_at(&src, "Game", 0, &["invalid variable name `Game`"]);
+}
+
+#[test]
+fn dependent_object_templates_need_the_value_but_not_the_parent_vars() {
+    let ok = dependent(FROM_SCHEDULE, "").replace(
+        "[\"pbp/{game_id}.json\"]",
+        "[\"pbp/{date:%Y}/{game_id}.json\"]",
+    );
+    assert!(parse(&ok).is_ok());
+
+    let src =
+        dependent(FROM_SCHEDULE, "").replace("[\"pbp/{game_id}.json\"]", "[\"pbp/{date}.json\"]");
+    assert_err_at(
+        &src,
+        "\"pbp/{date}.json\"",
+        0,
+        &["does not use partition variable `game_id`"],
+    );
+
+    let src = dependent(FROM_SCHEDULE, "")
+        .replace("[\"pbp/{game_id}.json\"]", "[\"pbp/{game_id:%Y}.json\"]");
+    assert_err_at(&src, "\"pbp/{game_id:%Y}.json\"", 0, &["formats a date"]);
+
+    let src = dependent(FROM_SCHEDULE, "").replace(
+        "[\"pbp/{game_id}.json\"]",
+        "[\"pbp/{team}/{game_id}.json\"]",
+    );
+    assert_err_at(
+        &src,
+        "\"pbp/{team}/{game_id}.json\"",
+        0,
+        &["uses `{team}`", "defined: date, game_id"],
+    );
+
+    // Scrapers of a dependent source may use the parent's variables.
+    let src = dependent(FROM_SCHEDULE, "")
+        .replace(
+            "scraper: s\n    partitions:\n      from_objects",
+            "scraper: g\n    partitions:\n      from_objects",
+        )
+        .replace(
+            "scrapers:\n",
+            "scrapers:\n  g:\n    command: [x, \"{date:%Y%m%d}\", \"{game_id}\"]\n",
+        );
+    assert!(
+        parse(&src).is_ok(),
+        "{}",
+        err(&src.replace("{game_id}\"]", "{nope}\"]"))
+    );
+    let bad = src.replace("\"{game_id}\"]", "\"{league}\"]");
+    assert_err_at(
+        &bad,
+        "\"{league}\"",
+        0,
+        &["uses `{league}`", "source `p`", "date, game_id"],
+    );
+}
+
+#[test]
+fn refresh_needs_a_date_and_durations() {
+    let refresh = "    refresh: {within: 3d, max_age: 1h}\n";
+    let cfg = parse(&dependent(FROM_SCHEDULE, refresh)).unwrap();
+    assert_eq!(
+        cfg.sources[1].refresh,
+        Some(Refresh {
+            within: Duration::from_secs(3 * 86_400),
+            max_age: Duration::from_secs(3600)
+        })
+    );
+    let dates = with_source(&format!(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {{start: 2024-10-22, end: today}}\n    objects: [\"b/{{date}}\"]\n{refresh}"
+    ));
+    assert!(parse(&dates).is_ok());
+
+    let src = with_source(&format!(
+        "  - name: b\n    scraper: s\n    objects: [b]\n{refresh}"
+    ));
+    assert_err_at(
+        &src,
+        "{within",
+        0,
+        &[
+            "`refresh` needs a date partition variable",
+            "source `b` has none",
+        ],
+    );
+    let src = dependent(
+        "{objects: \"lists/{list}.txt\", var: game_id, lines: true}",
+        refresh,
+    );
+    assert_err_at(
+        &src,
+        "{within",
+        0,
+        &["`refresh` needs a date partition variable"],
+    );
+    let src = with_source(&format!(
+        "  - name: b\n    scraper: s\n    partitions:\n      seasons: {{start: \"2015\", end: \"2016\"}}\n    objects: [\"b/{{season}}\"]\n{refresh}"
+    ));
+    assert_err_at(&src, "{within", 0, &["source `b` has none"]);
+
+    let src = dependent(FROM_SCHEDULE, "    refresh: {within: 3d, max_age: 0s}\n");
+    assert_err_at(&src, "0s", 0, &["`max_age` must be longer than 0s"]);
+    let src = dependent(FROM_SCHEDULE, "    refresh: {within: 3d}\n");
+    assert_err_at(&src, "{within: 3d}", 0, &["missing field `max_age`"]);
+    let src = dependent(
+        FROM_SCHEDULE,
+        "    refresh: {within: 3 fortnights, max_age: 1h}\n",
+    );
+    assert_err_at(
+        &src,
+        "3 fortnights",
+        0,
+        &["invalid duration `3 fortnights`"],
+    );
+    let src = dependent(
+        FROM_SCHEDULE,
+        "    refresh: {within: 3d, max_age: 1h, every: 1h}\n",
+    );
+    assert_err_at(&src, "every", 0, &["unknown field `every`"]);
+}
+
+#[test]
+fn recheck_after_and_hot_are_checked() {
+    let src = dependent(FROM_SCHEDULE, "    recheck_after: 0s\n");
+    assert_err_at(&src, "0s", 0, &["`recheck_after` must be longer than 0s"]);
+    let src = dependent(FROM_SCHEDULE, "    recheck_after: soon\n");
+    assert_err_at(&src, "soon", 0, &["invalid duration `soon`"]);
+    let src = dependent(FROM_SCHEDULE, "    hot: maybe\n");
+    assert_err_at(&src, "maybe", 0, &["expected a boolean"]);
 }

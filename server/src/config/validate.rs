@@ -10,9 +10,13 @@ use chrono::NaiveDate;
 use serde::Deserializer;
 
 use super::position::{Position, PositionIndex, YamlPath};
-use super::scalars::{excerpt, from_text, is_valid_name};
-use super::{Config, DateEnd, Generator, ScraperConfig, SeasonEnd, SourceConfig, VarKind};
+use super::scalars::{excerpt, from_text, is_valid_name, is_valid_var};
+use super::{
+    Config, DateEnd, FromObjectsGenerator, Generator, ScraperConfig, SeasonEnd, SourceConfig,
+    VarKind,
+};
 use crate::catalog::{SPECIAL_VARS, VAR_OUT};
+use crate::extract::Column;
 use crate::template::{Arg, Template, is_ident};
 
 /// A validation failure: where and what.
@@ -430,6 +434,7 @@ impl Validator<'_> {
                 ));
             }
             self.generators(i, s)?;
+            self.freshness(&p, s)?;
             if s.objects.is_empty() {
                 return Err(self.at(
                     &p.key("objects"),
@@ -504,6 +509,18 @@ impl Validator<'_> {
                         }
                     }
                 }
+                Generator::FromObjects(fo) => {
+                    if s.partitions.0.len() > 1 {
+                        return Err(self.at_key(
+                            &gp,
+                            format!(
+                                "`from_objects` must be the only generator of source `{}`: a dependent source cannot be part of a product",
+                                s.name
+                            ),
+                        ));
+                    }
+                    self.dependency(s, &gp, fo)?;
+                }
                 Generator::Values(vg) => {
                     let vp = gp.key("values");
                     if vg.values.is_empty() {
@@ -524,6 +541,131 @@ impl Validator<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Checks a `from_objects` generator: a parent template that matches back, parent
+    /// variables that are valid and distinct from `var`, and one extraction.
+    fn dependency(
+        &self,
+        s: &SourceConfig,
+        gp: &YamlPath,
+        fo: &FromObjectsGenerator,
+    ) -> Result<(), Issue> {
+        let tp = gp.key("objects");
+        let t = &fo.objects;
+        let shown = excerpt(t.as_str());
+        t.check_matchable()
+            .map_err(|e| self.at(&tp, format!("parent template `{shown}`: {e}")))?;
+        for (var, _) in fo.parent_vars() {
+            if SPECIAL_VARS.contains(&var) {
+                return Err(self.at(
+                    &tp,
+                    format!(
+                        "parent template `{shown}` uses `{{{var}}}`, a built-in placeholder; parent templates use only variables to parse out of keys"
+                    ),
+                ));
+            }
+            if !is_valid_var(var) {
+                return Err(self.at(
+                    &tp,
+                    format!(
+                        "parent template `{shown}` uses `{{{var}}}`, which is not a valid partition variable name: expected [a-z][a-z0-9_]{{0,63}}"
+                    ),
+                ));
+            }
+            if var == fo.var {
+                return Err(self.at(
+                    &gp.key("var"),
+                    format!(
+                        "`var` `{var}` is also a variable of the parent template `{shown}`; give the extracted values another name"
+                    ),
+                ));
+            }
+        }
+        let (y, m, d) = PROBE_DATE;
+        let probe_date = NaiveDate::from_ymd_opt(y, m, d).unwrap_or_default();
+        let probe = t
+            .render(&|name| {
+                Some(if t.is_date_var(name) {
+                    Arg::Date(probe_date)
+                } else {
+                    Arg::Text("x")
+                })
+            })
+            .map_err(|e| self.at(&tp, format!("parent template `{shown}`: {e}")))?;
+        if let Err(why) = key_shape(&probe) {
+            return Err(self.at(
+                &tp,
+                format!(
+                    "parent template `{shown}` renders keys like `{}`, which {why}",
+                    excerpt(&probe)
+                ),
+            ));
+        }
+        if s.objects.iter().any(|o| o.as_str() == t.as_str()) {
+            return Err(self.at(
+                &tp,
+                format!(
+                    "source `{}` reads its values out of its own objects (`{shown}`); a parent template names another source's objects",
+                    s.name
+                ),
+            ));
+        }
+        let keys = fo.extraction_keys();
+        match keys.as_slice() {
+            [_] => {}
+            [] => {
+                return Err(self.at(
+                    gp,
+                    "`from_objects` needs one of `json: PATH`, `csv: {column: NAME}` or `lines: true` to read values".into(),
+                ));
+            }
+            [first, second, ..] => {
+                return Err(self.at_key(
+                    &gp.key(second),
+                    format!(
+                        "`from_objects` reads values one way: `{first}` and `{second}` are both given"
+                    ),
+                ));
+            }
+        }
+        if let Some(csv) = &fo.csv
+            && let Column::Name(name) = &csv.column
+            && !csv.header
+        {
+            return Err(self.at(
+                &gp.key("csv").key("column"),
+                format!(
+                    "column `{}` is a name, which needs a header row: drop `header: false`, or give a 0-based index",
+                    excerpt(name)
+                ),
+            ));
+        }
+        if fo.max_bytes == 0 {
+            return Err(self.at(
+                &gp.key("max_bytes"),
+                "`max_bytes` must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks `refresh` (only with a date variable) and `recheck_after`.
+    fn freshness(&self, p: &YamlPath, s: &SourceConfig) -> Result<(), Issue> {
+        if let Some(refresh) = &s.refresh {
+            let rp = p.key("refresh");
+            if !s.partitions.vars().any(|(_, kind)| kind == VarKind::Date) {
+                return Err(self.at(
+                    &rp,
+                    format!(
+                        "`refresh` needs a date partition variable (a `dates` generator, or a date in a `from_objects` parent template), and source `{}` has none",
+                        s.name
+                    ),
+                ));
+            }
+            self.positive(&rp.key("max_age"), refresh.max_age)?;
+        }
+        self.positive(&p.key("recheck_after"), s.recheck_after)
     }
 
     fn object_template(
@@ -568,8 +710,10 @@ impl Validator<'_> {
                 Some(_) => {}
             }
         }
-        for var in vars.keys() {
-            if !t.vars().any(|v| v == *var) {
+        // A dependent source's parent variables may be left out of its keys: the values
+        // it extracts identify its partitions' objects on their own.
+        for var in s.partitions.0.iter().map(Generator::var) {
+            if !t.vars().any(|v| v == var) {
                 return Err(self.at(
                     path,
                     format!(
