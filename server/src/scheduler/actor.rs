@@ -27,8 +27,6 @@ use crate::store::{self, AttemptEnd, LogRow, NewTask};
 const TICK: Duration = Duration::from_millis(200);
 /// The most commands applied in one transaction.
 const MAX_BATCH: usize = 2048;
-/// How long `unavailable` data waits before it is looked for again.
-const DEFAULT_RECHECK_AFTER_MS: i64 = 24 * 3600 * 1000;
 /// The exit code for data that does not exist yet (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: i32 = 69;
 /// At most this many log lines are kept from one LogLines message.
@@ -869,11 +867,16 @@ impl State {
                 )?;
             }
             Verdict::Unavailable => {
+                let recheck_after_ms = self.catalog.source(&source).map_or(
+                    i64::try_from(crate::config::DEFAULT_RECHECK_AFTER.as_millis())
+                        .unwrap_or(i64::MAX),
+                    |s| i64::try_from(s.recheck_after.as_millis()).unwrap_or(i64::MAX),
+                );
                 store::set_task_state(
                     tx,
                     id,
                     TaskState::Unavailable,
-                    now + DEFAULT_RECHECK_AFTER_MS,
+                    now + recheck_after_ms,
                     "the data does not exist yet (exit 69)",
                     now,
                 )?;
