@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use md5::{Digest, Md5};
 use serde::Deserialize;
@@ -143,14 +144,9 @@ pub enum InventoryError {
     /// The consumer of the pages went away before the report was read.
     #[error("inventory pages are no longer received")]
     Closed,
-    /// A parser thread failed unexpectedly.
-    #[error("inventory parser for {file} failed: {message}")]
-    Internal {
-        /// The data file's key.
-        file: String,
-        /// What happened.
-        message: String,
-    },
+    /// A reader task failed unexpectedly (it panicked).
+    #[error("inventory reader failed: {0}")]
+    Internal(String),
 }
 
 /// The key prefix (empty or ending in `/`) under which AWS puts the reports
@@ -178,7 +174,10 @@ pub async fn latest_report(
         .list_dirs(&base)
         .await?
         .into_iter()
-        .filter(|dir| is_report_stamp(dir[base.len()..].trim_end_matches('/')))
+        .filter(|dir| {
+            dir.strip_prefix(&base)
+                .is_some_and(|name| is_report_stamp(name.trim_end_matches('/')))
+        })
         .collect();
     // The stamps sort as text in time order; the newest comes first.
     dirs.sort_unstable_by(|a, b| b.cmp(a));
@@ -420,7 +419,9 @@ impl KeyFilter {
 ///
 /// Data files are read in parallel (pages interleave) and checked against the
 /// manifest's size and MD5 only once read whole, so on an error the pages
-/// already sent must be discarded: the observation is incomplete.
+/// already sent must be discarded: the observation is incomplete. The first
+/// error stops the other files' reads; once this returns, nothing more is
+/// sent to `pages`.
 pub async fn read_report(
     src: Arc<dyn ObjectSource>,
     report: &Report,
@@ -439,10 +440,12 @@ pub async fn read_report(
         })?;
     let filter = Arc::new(KeyFilter::new(lake_prefix, prefixes));
     let mut files = report.files.iter().cloned();
+    let stop = Arc::new(AtomicBool::new(false));
     let mut running = tokio::task::JoinSet::new();
     let mut sent = 0u64;
+    let mut failure = None;
     loop {
-        while running.len() < FILE_CONCURRENCY {
+        while failure.is_none() && running.len() < FILE_CONCURRENCY {
             let Some(file) = files.next() else { break };
             running.spawn(read_data_file(
                 Arc::clone(&src),
@@ -450,17 +453,29 @@ pub async fn read_report(
                 columns,
                 Arc::clone(&filter),
                 pages.clone(),
+                Arc::clone(&stop),
             ));
         }
+        // Every read is joined, even after a failure, so no parser thread
+        // outlives this call and still holds `pages`.
         let Some(joined) = running.join_next().await else {
             break;
         };
-        // Returning early drops `running`, which aborts the other reads; their
-        // parsers then see the end of their input and stop.
-        sent += joined.map_err(|e| InventoryError::Internal {
-            file: String::new(),
-            message: e.to_string(),
-        })??;
+        match joined {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) if failure.is_none() => {
+                stop.store(true, Ordering::Relaxed);
+                failure = Some(e);
+            }
+            Ok(Err(_)) => {} // A consequence of the first failure.
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                failure.get_or_insert(InventoryError::Internal(e.to_string()));
+            }
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
     }
     tracing::debug!(report = %report.dir, objects = sent, "read inventory report");
     Ok(sent)
@@ -474,19 +489,16 @@ async fn read_data_file(
     columns: Columns,
     filter: Arc<KeyFilter>,
     pages: PageSink,
+    stop: Arc<AtomicBool>,
 ) -> Result<u64, InventoryError> {
     let reader = src.open(&file.key).await?;
     let (tx, rx) = mpsc::channel(PREFETCH_CHUNKS);
-    let key = file.key.clone();
     let parse = tokio::task::spawn_blocking(move || {
         let input = Verifier::new(ChunkReader::new(rx), file.md5.is_some());
-        parse_data_file(input, &file, columns, &filter, &pages)
+        parse_data_file(input, &file, columns, &filter, &pages, &stop)
     });
     let (parsed, ()) = tokio::join!(parse, prefetch(reader, tx));
-    parsed.map_err(|e| InventoryError::Internal {
-        file: key,
-        message: e.to_string(),
-    })?
+    parsed.map_err(|e| InventoryError::Internal(e.to_string()))?
 }
 
 /// Reads `reader` in chunks into `chunks` until its end, an error (which is
@@ -607,21 +619,25 @@ impl<R: Read> Read for Verifier<R> {
 }
 
 /// Decompresses and parses one data file from `input`, sending kept objects
-/// to `pages`; then checks the file against the manifest.
+/// to `pages`; then checks the file against the manifest. When `stop` is set
+/// (another file failed) it returns at once with what it sent.
 fn parse_data_file<R: Read>(
     input: Verifier<R>,
     file: &DataFile,
     columns: Columns,
     filter: &KeyFilter,
     pages: &PageSink,
+    stop: &AtomicBool,
 ) -> Result<u64, InventoryError> {
     let mut csv = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .buffer_capacity(CSV_BUFFER)
         .from_reader(flate2::read::MultiGzDecoder::new(input));
-    let sent = parse_rows(&mut csv, file, columns, filter, pages)?;
-    csv.into_inner().into_inner().finish(file)?;
+    let sent = parse_rows(&mut csv, file, columns, filter, pages, stop)?;
+    if !stop.load(Ordering::Relaxed) {
+        csv.into_inner().into_inner().finish(file)?;
+    }
     Ok(sent)
 }
 
@@ -631,6 +647,7 @@ fn parse_rows<R: Read>(
     columns: Columns,
     filter: &KeyFilter,
     pages: &PageSink,
+    stop: &AtomicBool,
 ) -> Result<u64, InventoryError> {
     let mut record = csv::ByteRecord::new();
     let mut page = Vec::with_capacity(LIST_PAGE);
@@ -641,6 +658,9 @@ fn parse_rows<R: Read>(
             Ok(true) => {}
             Ok(false) => break,
             Err(e) => return Err(csv_error(file, e)),
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(sent);
         }
         let row_error = |message: String| InventoryError::Data {
             file: file.key.clone(),
@@ -741,29 +761,38 @@ fn escaped(field: &[u8]) -> String {
 /// Decodes a form-URL-encoded key (`+` and `%20` are spaces, `%XX` a byte);
 /// keys without `%` or `+` are returned as they are, without copying.
 fn decode_key<'a>(raw: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a [u8], &'static str> {
-    let mut escapes = memchr::memchr2_iter(b'%', b'+', raw).peekable();
-    if escapes.peek().is_none() {
+    let is_escape = |b: &u8| *b == b'%' || *b == b'+';
+    let Some(first) = raw.iter().position(is_escape) else {
         return Ok(raw);
-    }
+    };
     scratch.clear();
-    // `raw[..done]` is decoded into `scratch`. Hex digits are never `%` or
-    // `+`, so every escape found lies at or after `done`.
-    let mut done = 0;
-    for at in escapes {
-        scratch.extend_from_slice(&raw[done..at]);
-        if raw[at] == b'+' {
-            scratch.push(b' ');
-            done = at + 1;
-        } else {
-            let byte = raw
-                .get(at + 1..at + 3)
-                .and_then(|hex| Some(hex_digit(hex[0])? << 4 | hex_digit(hex[1])?))
-                .ok_or("malformed percent-encoding")?;
-            scratch.push(byte);
-            done = at + 3;
+    scratch.extend_from_slice(&raw[..first]);
+    let mut i = first;
+    while i < raw.len() {
+        match raw[i] {
+            b'+' => {
+                scratch.push(b' ');
+                i += 1;
+            }
+            b'%' => {
+                let byte = raw
+                    .get(i + 1..i + 3)
+                    .and_then(|hex| Some(hex_digit(hex[0])? << 4 | hex_digit(hex[1])?))
+                    .ok_or("malformed percent-encoding")?;
+                scratch.push(byte);
+                i += 3;
+            }
+            _ => {
+                // Copy the run up to the next escape at once.
+                let end = raw[i..]
+                    .iter()
+                    .position(is_escape)
+                    .map_or(raw.len(), |n| i + n);
+                scratch.extend_from_slice(&raw[i..end]);
+                i = end;
+            }
         }
     }
-    scratch.extend_from_slice(&raw[done..]);
     Ok(scratch)
 }
 
@@ -1076,8 +1105,9 @@ pub mod testing {
             format!("{}{}/", self.base, self.stamp)
         }
 
-        /// Every object of the report as (key, bytes): data files, the
-        /// manifest, its checksum (unless missing) and the hive symlink file.
+        /// Every object of the report as (key, bytes), in delivery order:
+        /// data files, the manifest, its checksum (unless missing) and the
+        /// hive symlink file.
         pub fn build(self) -> Vec<(String, Vec<u8>)> {
             let dir = self.dir();
             let files: Vec<serde_json::Value> = self
@@ -1112,7 +1142,11 @@ pub mod testing {
                 .iter()
                 .map(|(key, _)| format!("s3://inventory-destination/{key}\n"))
                 .collect();
+            // Data files first and the checksum last, in the order AWS
+            // delivers them, so a reader racing an upload sees a report
+            // without a checksum rather than one without its files.
             let mut objects = self.files;
+            objects.push((format!("{dir}{MANIFEST}"), manifest.clone()));
             match self.checksum {
                 ChecksumMode::Valid => objects.push((
                     format!("{dir}{CHECKSUM}"),
@@ -1124,7 +1158,6 @@ pub mod testing {
                 )),
                 ChecksumMode::Missing => {}
             }
-            objects.push((format!("{dir}{MANIFEST}"), manifest));
             objects.push((
                 format!("{}hive/dt={hive_stamp}/symlink.txt", self.base),
                 symlinks.into_bytes(),
@@ -1675,6 +1708,36 @@ mod tests {
                 object(&format!("nba/game/{i:08}.json"), i as u64, T0 + i as i64)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_failing_file_stops_the_others_before_the_read_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = (0..50_000u64).map(|i| object(&format!("k/{i}"), i, T0));
+        ReportBuilder::new(&cfg(), BUCKET, "2024-10-21T00-00Z")
+            .data_file(b"not gzip".to_vec())
+            .objects_file(big)
+            .write_to(dir.path())
+            .unwrap();
+        let report = latest(dir.path()).await.unwrap();
+        let src: Arc<dyn ObjectSource> = Arc::new(LocalDir::new(dir.path()));
+        let (tx, mut rx) = mpsc::channel::<Vec<ObjectMeta>>(1);
+        let collector = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(page) = rx.recv().await {
+                n += page.len();
+            }
+            n
+        });
+        let err = read_report(src, &report, "", &[], tx).await.unwrap_err();
+        assert!(matches!(err, InventoryError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("-0.csv.gz"), "{err}");
+        // Every sender is gone once the read returned: the consumer ends.
+        let received = tokio::time::timeout(std::time::Duration::from_secs(10), collector)
+            .await
+            .expect("a reader still held the page sink after read_report returned")
+            .unwrap();
+        assert!(received <= 50_000);
     }
 
     #[tokio::test]
