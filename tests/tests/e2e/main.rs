@@ -3,11 +3,15 @@
 //! `tests/scrapers/`, real files in temporary directories. One test binary so
 //! the tests run in parallel threads; each uses its own ports and directories.
 //! Run them through `scripts/test.sh`, which builds the binaries first and
-//! provides the venv with grpcurl and the Python health client.
+//! provides the venv with grpcurl, the Python health client, moto_server and
+//! boto3.
 
 mod config;
 mod crash;
+mod dependent;
 mod dev;
 mod failures;
 mod grpc;
+mod inventory;
 mod lake;
+mod s3;
