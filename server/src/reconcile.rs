@@ -204,6 +204,27 @@ impl<'a> Planner<'a> {
 
     /// Compares one expected partition of `sources[source]` with the lake.
     pub fn add(&mut self, source: usize, partition: &Partition, keys: &[String]) {
+        let observed: Vec<Option<ObservedObject>> =
+            keys.iter().map(|k| self.observed.get(k)).collect();
+        self.add_probed(source, partition, keys, &observed);
+    }
+
+    /// The index this planner compares against (for batch lookups).
+    pub fn observed(&self) -> &'a ObservedIndex {
+        self.observed
+    }
+
+    /// Like [`Planner::add`], with the lake's answer for each key already
+    /// looked up (`observed[i]` for `keys[i]`), e.g. by
+    /// [`ObservedIndex::get_many`].
+    pub fn add_probed(
+        &mut self,
+        source: usize,
+        partition: &Partition,
+        keys: &[String],
+        observed: &[Option<ObservedObject>],
+    ) {
+        debug_assert_eq!(keys.len(), observed.len());
         let Some(src) = self.sources.get(source) else {
             debug_assert!(false, "expected partition names an unknown source");
             return;
@@ -222,9 +243,9 @@ impl<'a> Planner<'a> {
                 *reason = Some(r);
             }
         };
-        for key in keys {
+        for answer in observed {
             cov.expected += 1;
-            match self.observed.get(key) {
+            match answer {
                 None => {
                     cov.missing += 1;
                     worse(GapReason::Missing, &mut reason);

@@ -574,8 +574,12 @@ pub fn plan_sources(catalog: &Catalog) -> Vec<PlanSource> {
         .collect()
 }
 
+/// Static partitions whose keys are looked up in the index together.
+const PROBE_BATCH: usize = 1024;
+
 /// Plans the whole catalog: static sources are expanded lazily, partition by
-/// partition; dependent sources come expanded in `dependent`. Pure.
+/// partition, and their keys looked up in batches; dependent sources come
+/// expanded in `dependent`. Pure.
 pub fn plan_catalog(
     catalog: &Catalog,
     today: NaiveDate,
@@ -595,12 +599,19 @@ pub fn plan_catalog(
             .iter()
             .map(|g| (g.var().to_string(), g.values(today)))
             .collect();
+        let mut batch = ProbeBatch::default();
+        let mut number = 0u64;
         for_each_product(&generators, |partition| {
             // Templates were checked against the variables at load time.
             if let Ok(keys) = source.keys(partition) {
-                planner.add(idx, partition, &keys);
+                batch.push(number, keys);
+            }
+            number += 1;
+            if batch.partitions.len() >= PROBE_BATCH {
+                batch.flush(&mut planner, idx, &generators);
             }
         });
+        batch.flush(&mut planner, idx, &generators);
     }
     for (idx, partitions) in dependent {
         for exp in partitions {
@@ -608,6 +619,60 @@ pub fn plan_catalog(
         }
     }
     planner.finish()
+}
+
+/// Partitions of one source waiting for a batch lookup: each is kept as its
+/// number in the product (decoded back when planned), with its keys.
+#[derive(Default)]
+struct ProbeBatch {
+    partitions: Vec<(u64, std::ops::Range<usize>)>,
+    keys: Vec<String>,
+    answers: Vec<Option<ObservedObject>>,
+}
+
+impl ProbeBatch {
+    fn push(&mut self, number: u64, keys: Vec<String>) {
+        let start = self.keys.len();
+        self.keys.extend(keys);
+        self.partitions.push((number, start..self.keys.len()));
+    }
+
+    fn flush(
+        &mut self,
+        planner: &mut Planner<'_>,
+        source: usize,
+        generators: &[(String, Vec<Value>)],
+    ) {
+        if self.partitions.is_empty() {
+            return;
+        }
+        let refs: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        planner.observed().get_many(&refs, &mut self.answers);
+        for (number, range) in self.partitions.drain(..) {
+            let partition = nth_partition(generators, number);
+            planner.add_probed(
+                source,
+                &partition,
+                &self.keys[range.clone()],
+                &self.answers[range],
+            );
+        }
+        self.keys.clear();
+    }
+}
+
+/// The `n`-th partition of the product `for_each_product` walks (the last
+/// generator varies fastest).
+fn nth_partition(generators: &[(String, Vec<Value>)], mut n: u64) -> Partition {
+    let mut vars = Vec::with_capacity(generators.len());
+    for (name, values) in generators.iter().rev() {
+        let len = values.len() as u64;
+        let value = &values[usize::try_from(n % len).unwrap_or(0)];
+        n /= len;
+        vars.push((name.clone(), value.clone()));
+    }
+    vars.reverse();
+    Partition { vars }
 }
 
 /// Lists `prefixes` in parallel into `index`; returns how many objects were listed.
@@ -634,19 +699,48 @@ pub async fn list_into(
 }
 
 /// Folds listing pages into `index` until the channel closes.
-async fn fold_pages(
+pub async fn fold_pages(
     mut pages: mpsc::Receiver<Vec<crate::lake::ObjectMeta>>,
     index: &mut ObservedIndex,
 ) {
     while let Some(page) = pages.recv().await {
-        for meta in page {
-            index.insert(
-                &meta.key,
+        index.insert_many(page.iter().map(|meta| {
+            (
+                meta.key.as_str(),
                 ObservedObject {
                     size: meta.size,
                     modified_ms: meta.modified_ms,
                 },
-            );
+            )
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nth_partition_matches_the_product_walk() {
+        let gens = vec![
+            (
+                "a".to_string(),
+                vec![Value::Str("1".into()), Value::Str("2".into())],
+            ),
+            (
+                "b".to_string(),
+                vec![
+                    Value::Str("x".into()),
+                    Value::Str("y".into()),
+                    Value::Str("z".into()),
+                ],
+            ),
+        ];
+        let mut walked = Vec::new();
+        for_each_product(&gens, |p| walked.push(p.clone()));
+        for (n, p) in walked.iter().enumerate() {
+            assert_eq!(&nth_partition(&gens, n as u64), p);
         }
+        assert_eq!(walked.len(), 6);
     }
 }

@@ -34,6 +34,27 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     from_text::<D, Parsed>(d, "a duration like 30s, 5m or 1h").map(|p| p.0)
 }
 
+/// Serde for an optional duration field (`#[serde(default, with = "duration::option")]`):
+/// absent is `None`, a humantime string is `Some`.
+pub mod option {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Serializes `Some` as a humantime string and `None` as null.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Deserializes a present humantime string as `Some`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::deserialize(d).map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

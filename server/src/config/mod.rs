@@ -73,6 +73,8 @@ pub const DEFAULT_JITTER: f64 = 0.1;
 pub const DEFAULT_MIN_BYTES: u64 = 1;
 /// How long an `unavailable` task (exit 69) waits before it is looked at again, by default.
 pub const DEFAULT_RECHECK_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// How long a task waits ready before its priority rises one level, by default.
+pub const DEFAULT_AGING: Duration = Duration::from_secs(6 * 3600);
 
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -315,6 +317,11 @@ pub struct LoopConfig {
     /// The longest a cycle runs before reconciling again.
     #[serde(with = "duration")]
     pub max_cycle_runtime: Duration,
+    /// A task ready this long rises one priority level, and one more per further
+    /// period, up to critical, so low priorities never starve; `0s` turns aging off.
+    /// See [`crate::priority::effective`].
+    #[serde(with = "duration")]
+    pub aging: Duration,
 }
 
 impl Default for LoopConfig {
@@ -325,6 +332,7 @@ impl Default for LoopConfig {
             queue_check_interval: DEFAULT_QUEUE_CHECK_INTERVAL,
             dispatch_threshold: DEFAULT_DISPATCH_THRESHOLD,
             max_cycle_runtime: DEFAULT_MAX_CYCLE_RUNTIME,
+            aging: DEFAULT_AGING,
         }
     }
 }
@@ -435,9 +443,13 @@ pub struct SourceConfig {
     pub name: String,
     /// The scraper that fills it.
     pub scraper: String,
-    /// How urgent its gaps are.
+    /// How urgent its gaps are, unless a rule of `priority_rules` matches.
     #[serde(default)]
     pub priority: Priority,
+    /// Rules on partition recency that override `priority`; the first matching rule
+    /// wins. See [`crate::priority::PriorityRules`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priority_rules: Vec<PriorityRule>,
     /// Free text for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -460,6 +472,28 @@ pub struct SourceConfig {
     /// Always confirm this source by listing, even when an inventory report is used.
     #[serde(default)]
     pub hot: bool,
+}
+
+/// One entry of a source's `priority_rules`: a condition on the partition and the
+/// priority its gaps get when it holds. Exactly one condition is given (checked by
+/// validation, with the rule's position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityRule {
+    /// Holds for partitions dated today or up to this long before today (whole days
+    /// count, like `refresh.within`), and for any later date. Needs a date variable.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "duration::option")]
+    pub within: Option<Duration>,
+    /// Holds for partitions whose season is the season containing today. Needs a
+    /// `seasons` generator.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub current_season: bool,
+    /// The priority of the partition's gaps when the condition holds.
+    pub priority: Priority,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_min_bytes() -> u64 {

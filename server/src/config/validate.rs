@@ -29,6 +29,9 @@ pub(super) struct Issue {
 /// Environment variables with this prefix are set by adce itself.
 const RESERVED_ENV_PREFIX: &str = "ADCE_";
 
+/// The shortest aging period other than off: the queue counts in milliseconds.
+const MIN_AGING: Duration = Duration::from_millis(1);
+
 /// The date object key templates are probed with.
 const PROBE_DATE: (i32, u32, u32) = (2001, 2, 3);
 
@@ -232,6 +235,15 @@ impl Validator<'_> {
         self.positive(&p.key("reconcile_interval"), l.reconcile_interval)?;
         self.positive(&p.key("queue_check_interval"), l.queue_check_interval)?;
         self.positive(&p.key("max_cycle_runtime"), l.max_cycle_runtime)?;
+        if !l.aging.is_zero() && l.aging < MIN_AGING {
+            return Err(self.at(
+                &p.key("aging"),
+                format!(
+                    "`aging` must be 0s (off) or at least 1ms, got {}",
+                    human(l.aging)
+                ),
+            ));
+        }
         if l.dispatch_threshold == 0 {
             return Err(self.at(
                 &p.key("dispatch_threshold"),
@@ -435,6 +447,7 @@ impl Validator<'_> {
             }
             self.generators(i, s)?;
             self.freshness(&p, s)?;
+            self.priority_rules(&p, s)?;
             if s.objects.is_empty() {
                 return Err(self.at(
                     &p.key("objects"),
@@ -666,6 +679,64 @@ impl Validator<'_> {
             self.positive(&rp.key("max_age"), refresh.max_age)?;
         }
         self.positive(&p.key("recheck_after"), s.recheck_after)
+    }
+
+    /// Checks that each priority rule has exactly one condition and that the source
+    /// has the variable the condition reads.
+    fn priority_rules(&self, p: &YamlPath, s: &SourceConfig) -> Result<(), Issue> {
+        for (i, rule) in s.priority_rules.iter().enumerate() {
+            let rp = p.key("priority_rules").idx(i);
+            match (rule.within, rule.current_season) {
+                (None, false) => {
+                    return Err(self.at(
+                        &rp,
+                        format!(
+                            "priority rule {} of source `{}` has no condition: give `within: DURATION` (a date variable) or `current_season: true` (a season variable)",
+                            i + 1,
+                            s.name
+                        ),
+                    ));
+                }
+                (Some(_), true) => {
+                    return Err(self.at_key(
+                        &rp.key("current_season"),
+                        format!(
+                            "priority rule {} of source `{}` has two conditions: `within` and `current_season` are both given; write one rule for each",
+                            i + 1,
+                            s.name
+                        ),
+                    ));
+                }
+                (Some(_), false) => {
+                    if !s.partitions.vars().any(|(_, kind)| kind == VarKind::Date) {
+                        return Err(self.at(
+                            &rp.key("within"),
+                            format!(
+                                "`within` needs a date partition variable (a `dates` generator, or a date in a `from_objects` parent template), and source `{}` has none",
+                                s.name
+                            ),
+                        ));
+                    }
+                }
+                (None, true) => {
+                    let has_seasons = s
+                        .partitions
+                        .0
+                        .iter()
+                        .any(|g| matches!(g, Generator::Seasons(_)));
+                    if !has_seasons {
+                        return Err(self.at(
+                            &rp.key("current_season"),
+                            format!(
+                                "`current_season` needs a season partition variable (a `seasons` generator), and source `{}` has none",
+                                s.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn object_template(

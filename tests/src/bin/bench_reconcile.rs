@@ -8,6 +8,7 @@
 //!   planning — everything a reconcile does but the lake round trips;
 //! - `diff`: the diff alone (index the observed keys, probe every expected key)
 //!   over two in-memory key lists;
+//!
 //! and in the same run `LC_ALL=C sort | comm -23` over the same two key lists.
 //! Prints seconds and peak RSS; no assertions on time (see BENCHMARKS.md).
 
@@ -23,7 +24,7 @@ use adce_server::lake::inventory::{self, testing::ReportBuilder};
 use adce_server::lake::{LocalDir, ObjectMeta};
 use adce_server::observed::{ObservedIndex, ObservedObject};
 use adce_server::reconcile::QueueView;
-use adce_server::reconciler::plan_catalog;
+use adce_server::reconciler::{fold_pages, plan_catalog};
 use anyhow::{Context, bail};
 
 const DAYS: usize = 1000;
@@ -119,23 +120,11 @@ fn whole(dir: &Path) -> anyhow::Result<()> {
             Arc::new(LocalDir::new(dir.join("reports")));
         let report =
             inventory::latest_report(store.as_ref(), &inventory_config(), SOURCE_BUCKET).await?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let prefixes = catalog.prefixes();
         let reading = inventory::read_report(store.clone(), &report, "", &prefixes, tx);
         let mut index = ObservedIndex::with_capacity(KEYS);
-        let folding = async {
-            while let Some(page) = rx.recv().await {
-                for meta in page {
-                    index.insert(
-                        &meta.key,
-                        ObservedObject {
-                            size: meta.size,
-                            modified_ms: meta.modified_ms,
-                        },
-                    );
-                }
-            }
-        };
+        let folding = fold_pages(rx, &mut index);
         let (read, ()) = tokio::join!(reading, folding);
         read?;
         let today = chrono::Utc::now().date_naive();
@@ -164,19 +153,21 @@ fn read_lines(path: &Path) -> anyhow::Result<Vec<String>> {
 fn diff(dir: &Path) -> anyhow::Result<()> {
     let expected = read_lines(&dir.join("expected.txt"))?;
     let observed = read_lines(&dir.join("observed.txt"))?;
+    let object = ObservedObject {
+        size: 1,
+        modified_ms: 1,
+    };
     let started = Instant::now();
     let mut index = ObservedIndex::with_capacity(observed.len());
-    for key in &observed {
-        index.insert(
-            key,
-            ObservedObject {
-                size: 1,
-                modified_ms: 1,
-            },
-        );
-    }
-    let missing = expected.iter().filter(|k| index.get(k).is_none()).count();
+    index.reserve_bytes(observed.iter().map(String::len).sum());
+    index.insert_many(observed.iter().map(|k| (k.as_str(), object)));
+    let indexed = started.elapsed().as_secs_f64();
+    let keys: Vec<&str> = expected.iter().map(String::as_str).collect();
+    let mut answers = Vec::with_capacity(keys.len());
+    index.get_many(&keys, &mut answers);
+    let missing = answers.iter().filter(|a| a.is_none()).count();
     let seconds = started.elapsed().as_secs_f64();
+    eprintln!("diff: index {indexed:.3}s, probe {:.3}s", seconds - indexed);
     println!("diff {seconds:.3} {missing}");
     Ok(())
 }
@@ -186,12 +177,10 @@ fn child(mode: &str, dir: &Path) -> anyhow::Result<Vec<String>> {
     let out = Command::new(std::env::current_exe()?)
         .arg(mode)
         .arg(dir)
+        .stderr(std::process::Stdio::inherit())
         .output()?;
     if !out.status.success() {
-        bail!(
-            "{mode} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{mode} failed (its error is printed above)");
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
