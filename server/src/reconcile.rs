@@ -333,6 +333,20 @@ pub fn for_each_product(generators: &[(String, Vec<Value>)], mut f: impl FnMut(&
     }
 }
 
+/// The `n`-th partition of the product `for_each_product` walks (the last
+/// generator varies fastest).
+pub fn nth_partition(generators: &[(String, Vec<Value>)], mut n: u64) -> Partition {
+    let mut vars = Vec::with_capacity(generators.len());
+    for (name, values) in generators.iter().rev() {
+        let len = values.len() as u64;
+        let value = &values[usize::try_from(n % len).unwrap_or(0)];
+        n /= len;
+        vars.push((name.clone(), value.clone()));
+    }
+    vars.reverse();
+    Partition { vars }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,9 @@ use crate::lake::{ObjectSource, PageSink, SharedLake};
 use crate::logs::Event;
 use crate::model::{Partition, Priority, UnixMs, Value, now_ms};
 use crate::observed::{ObservedIndex, ObservedObject};
-use crate::reconcile::{Coverage, Plan, PlanSource, Planner, QueueView, Refresh, for_each_product};
+use crate::reconcile::{
+    Coverage, Plan, PlanSource, Planner, QueueView, Refresh, for_each_product, nth_partition,
+};
 use crate::scheduler::{Command, Handle, PlannedTask};
 
 /// How many listing pages may wait for the reconciler at once.
@@ -661,20 +663,6 @@ impl ProbeBatch {
     }
 }
 
-/// The `n`-th partition of the product `for_each_product` walks (the last
-/// generator varies fastest).
-fn nth_partition(generators: &[(String, Vec<Value>)], mut n: u64) -> Partition {
-    let mut vars = Vec::with_capacity(generators.len());
-    for (name, values) in generators.iter().rev() {
-        let len = values.len() as u64;
-        let value = &values[usize::try_from(n % len).unwrap_or(0)];
-        n /= len;
-        vars.push((name.clone(), value.clone()));
-    }
-    vars.reverse();
-    Partition { vars }
-}
-
 /// Lists `prefixes` in parallel into `index`; returns how many objects were listed.
 pub async fn list_into(
     lake: &SharedLake,
@@ -713,34 +701,5 @@ pub async fn fold_pages(
                 },
             )
         }));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nth_partition_matches_the_product_walk() {
-        let gens = vec![
-            (
-                "a".to_string(),
-                vec![Value::Str("1".into()), Value::Str("2".into())],
-            ),
-            (
-                "b".to_string(),
-                vec![
-                    Value::Str("x".into()),
-                    Value::Str("y".into()),
-                    Value::Str("z".into()),
-                ],
-            ),
-        ];
-        let mut walked = Vec::new();
-        for_each_product(&gens, |p| walked.push(p.clone()));
-        for (n, p) in walked.iter().enumerate() {
-            assert_eq!(&nth_partition(&gens, n as u64), p);
-        }
-        assert_eq!(walked.len(), 6);
     }
 }

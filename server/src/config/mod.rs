@@ -482,7 +482,11 @@ pub struct SourceConfig {
 pub struct PriorityRule {
     /// Holds for partitions dated today or up to this long before today (whole days
     /// count, like `refresh.within`), and for any later date. Needs a date variable.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "duration::option")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration::option"
+    )]
     pub within: Option<Duration>,
     /// Holds for partitions whose season is the season containing today. Needs a
     /// `seasons` generator.

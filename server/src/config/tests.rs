@@ -673,6 +673,21 @@ fn example_config_parses_and_covers_every_section() {
                 .iter()
                 .any(|s| s.recheck_after != DEFAULT_RECHECK_AFTER),
         ),
+        (
+            "priority_rules with within",
+            cfg.sources
+                .iter()
+                .flat_map(|s| &s.priority_rules)
+                .any(|r| r.within.is_some()),
+        ),
+        (
+            "priority_rules with current_season",
+            cfg.sources
+                .iter()
+                .flat_map(|s| &s.priority_rules)
+                .any(|r| r.current_season),
+        ),
+        ("loop.aging", cfg.r#loop.aging == DEFAULT_AGING),
     ] {
         assert!(present, "example lacks `{what}`");
     }
@@ -1116,4 +1131,172 @@ fn recheck_after_and_hot_are_checked() {
     assert_err_at(&src, "soon", 0, &["invalid duration `soon`"]);
     let src = dependent(FROM_SCHEDULE, "    hot: maybe\n");
     assert_err_at(&src, "maybe", 0, &["expected a boolean"]);
+}
+
+#[test]
+fn aging_defaults_to_six_hours_and_zero_turns_it_off() {
+    assert_eq!(parse(BASE).unwrap().r#loop.aging, DEFAULT_AGING);
+    assert_eq!(DEFAULT_AGING, Duration::from_secs(6 * 3600));
+    let with_aging = |v: &str| {
+        BASE.replace(
+            "version: 1\n",
+            &format!("version: 1\nloop:\n  aging: {v}\n"),
+        )
+    };
+    assert_eq!(
+        parse(&with_aging("0s")).unwrap().r#loop.aging,
+        Duration::ZERO
+    );
+    assert_eq!(
+        parse(&with_aging("90m")).unwrap().r#loop.aging,
+        Duration::from_secs(5400)
+    );
+    assert_eq!(
+        parse(&with_aging("1ms")).unwrap().r#loop.aging,
+        Duration::from_millis(1)
+    );
+    assert_err_at(
+        &with_aging("500us"),
+        "500us",
+        0,
+        &["`aging` must be 0s (off) or at least 1ms, got 500us"],
+    );
+    assert_err_at(&with_aging("soon"), "soon", 0, &["invalid duration `soon`"]);
+    // Zero aging survives a dump.
+    let cfg = parse(&with_aging("0s")).unwrap();
+    assert_eq!(parse(&cfg.dump()).unwrap(), cfg);
+}
+
+/// A dated source `b` with `extra` lines appended.
+fn dated(extra: &str) -> String {
+    with_source(&format!(
+        "  - name: b\n    scraper: s\n    priority: low\n    partitions:\n      dates: {{start: 2024-10-22, end: today}}\n    objects: [\"b/{{date}}\"]\n{extra}"
+    ))
+}
+
+#[test]
+fn priority_rules_parse_in_order_with_their_conditions() {
+    let cfg = parse(&dated(
+        "    priority_rules:\n      - {within: 3d, priority: critical}\n      - within: 30d\n        priority: high\n",
+    ))
+    .unwrap();
+    let b = &cfg.sources[1];
+    assert_eq!(b.priority, Priority::Low);
+    assert_eq!(
+        b.priority_rules,
+        vec![
+            PriorityRule {
+                within: Some(Duration::from_secs(3 * 86_400)),
+                current_season: false,
+                priority: Priority::Critical,
+            },
+            PriorityRule {
+                within: Some(Duration::from_secs(30 * 86_400)),
+                current_season: false,
+                priority: Priority::High,
+            },
+        ]
+    );
+    assert!(cfg.sources[0].priority_rules.is_empty());
+    // Rules survive a dump, and a source without rules dumps none.
+    let dumped = cfg.dump();
+    assert_eq!(parse(&dumped).unwrap(), cfg);
+    assert_eq!(dumped.matches("priority_rules").count(), 1, "{dumped}");
+
+    let seasons = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      - values: {var: team, values: [BOS]}\n      - seasons: {start: \"2015-16\", end: current}\n    objects: [\"b/{season}/{team}\"]\n    priority_rules: [{current_season: true, priority: high}]\n",
+    );
+    let cfg = parse(&seasons).unwrap();
+    assert_eq!(
+        cfg.sources[1].priority_rules,
+        vec![PriorityRule {
+            within: None,
+            current_season: true,
+            priority: Priority::High,
+        }]
+    );
+    // A dependent source's parent date is a date variable too.
+    let dep = dependent(
+        FROM_SCHEDULE,
+        "    priority_rules: [{within: 1d, priority: critical}]\n",
+    );
+    assert_eq!(parse(&dep).unwrap().sources[1].priority_rules.len(), 1);
+}
+
+#[test]
+fn priority_rules_need_one_condition_and_its_variable() {
+    let src = dated(
+        "    priority_rules:\n      - {within: 3d, priority: high}\n      - {priority: critical}\n",
+    );
+    assert_err_at(
+        &src,
+        "{priority: critical}",
+        0,
+        &[
+            "priority rule 2 of source `b` has no condition",
+            "`within: DURATION` (a date variable)",
+            "`current_season: true` (a season variable)",
+        ],
+    );
+    let src = dated("    priority_rules: [{current_season: false, priority: high}]\n");
+    assert_err_at(
+        &src,
+        "{current_season",
+        0,
+        &["priority rule 1 of source `b` has no condition"],
+    );
+    let src = dated("    priority_rules: [{within: 3d, current_season: true, priority: high}]\n");
+    assert_err_at(
+        &src,
+        "current_season",
+        0,
+        &["has two conditions", "write one rule for each"],
+    );
+    let src = dated("    priority_rules: [{current_season: true, priority: high}]\n");
+    assert_err_at(
+        &src,
+        "true",
+        0,
+        &[
+            "`current_season` needs a season partition variable",
+            "source `b` has none",
+        ],
+    );
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      seasons: {start: \"2016\", end: current}\n    objects: [\"b/{season}\"]\n    priority_rules:\n      - within: 3d\n        priority: high\n",
+    );
+    assert_err_at(
+        &src,
+        "3d",
+        0,
+        &[
+            "`within` needs a date partition variable",
+            "source `b` has none",
+        ],
+    );
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    objects: [b]\n    priority_rules: [{within: 3d, priority: high}]\n",
+    );
+    assert_err_at(&src, "3d", 0, &["`within` needs a date partition variable"]);
+}
+
+#[test]
+fn priority_rule_scalars_and_fields_are_checked() {
+    let src = dated("    priority_rules: [{within: 3d, priority: urgent}]\n");
+    assert_err_at(&src, "urgent", 0, &["unknown variant `urgent`"]);
+    let src = dated("    priority_rules: [{within: 3 fortnights, priority: high}]\n");
+    assert_err_at(
+        &src,
+        "3 fortnights",
+        0,
+        &["invalid duration `3 fortnights`"],
+    );
+    let src = dated("    priority_rules: [{within: 3d}]\n");
+    assert_err_at(&src, "{within: 3d}", 0, &["missing field `priority`"]);
+    let src = dated("    priority_rules: [{within: 3d, priority: high, season: current}]\n");
+    assert_err_at(&src, "season:", 0, &["unknown field `season`"]);
+    let src = dated("    priority_rules: [{current_season: yes please, priority: high}]\n");
+    assert_err_at(&src, "yes please", 0, &["expected a boolean"]);
+    let src = dated("    priority_rules: {within: 3d, priority: high}\n");
+    assert_err_at(&src, "{within", 0, &["expected a sequence"]);
 }
