@@ -615,11 +615,12 @@ mod tests {
         prop::sample::select(Priority::ALL.to_vec())
     }
 
-    /// Times within a few centuries of the epoch and aging periods from 1ms to 30 days.
+    /// Times within about three centuries of the epoch.
     fn time() -> impl Strategy<Value = i64> {
         -10_000_000_000_000i64..10_000_000_000_000
     }
 
+    /// Aging off, or periods from 1ms to 30 days (short ones often).
     fn aging() -> impl Strategy<Value = Duration> {
         prop_oneof![
             Just(Duration::ZERO),
@@ -635,7 +636,6 @@ mod tests {
     fn near(ready: UnixMs, aging: Duration, k: i64, frac: f64, edge: Option<i64>) -> UnixMs {
         // Without aging any scale will do; a second keeps the arithmetic the same.
         let period = aging_ms(aging).unwrap_or(1000);
-        #[allow(clippy::cast_possible_truncation)]
         let within = edge.unwrap_or((frac * period as f64) as i64);
         ready
             .saturating_add(k.saturating_mul(period))
