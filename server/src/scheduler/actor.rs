@@ -18,6 +18,7 @@ use super::{
 };
 use crate::catalog::{ArgPiece, Catalog, RenderContext};
 use crate::error::{Error, Result};
+use crate::limits::{LimitGroups, Permit};
 use crate::logs::{Event, LogBus};
 use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs, now_ms};
 use crate::reconcile::{QueueEntry, QueueView};
@@ -29,6 +30,8 @@ const TICK: Duration = Duration::from_millis(200);
 const MAX_BATCH: usize = 2048;
 /// The exit code for data that does not exist yet (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: i32 = 69;
+/// The exit code for a transient failure or throttling (EX_TEMPFAIL).
+const EXIT_TEMPFAIL: i32 = 75;
 /// At most this many log lines are kept from one LogLines message.
 const MAX_LINES_PER_MESSAGE: usize = 1000;
 /// Log lines longer than this are cut.
@@ -120,6 +123,8 @@ struct State {
     names: HashMap<String, Arc<str>>,
     dispatch_enabled: bool,
     rr: usize,
+    limits: LimitGroups,
+    permits: HashMap<LeaseId, Permit>,
 }
 
 /// Loads the queue from the store and starts the scheduler thread.
@@ -140,6 +145,8 @@ pub fn spawn(
         names: HashMap::new(),
         dispatch_enabled: false,
         rr: 0,
+        limits: LimitGroups::new(&catalog.limits, now_ms()),
+        permits: HashMap::new(),
     };
     let now = now_ms();
     let rows = store::load_active(&conn)?;
@@ -157,6 +164,10 @@ pub fn spawn(
         match &lease {
             Some(l) => {
                 state.leases.insert(l.id.clone(), row.id);
+                // Running tasks keep counting against their limit groups.
+                let groups = state.scraper_groups(&scraper);
+                let permit = state.limits.reattach(&groups);
+                state.permits.insert(l.id.clone(), permit);
                 leased += 1;
             }
             None => {
@@ -258,6 +269,15 @@ impl State {
             .entry(name.to_string())
             .or_insert_with(|| Arc::from(name))
             .clone()
+    }
+
+    /// The limit groups a scraper belongs to.
+    fn scraper_groups(&self, scraper: &str) -> Vec<String> {
+        self.catalog
+            .scrapers
+            .get(scraper)
+            .map(|s| s.limits.clone())
+            .unwrap_or_default()
     }
 
     fn lease_ttl_ms(&self) -> i64 {
@@ -828,7 +848,18 @@ impl State {
             return Ok(());
         };
         task.progress = 0.0;
+        let scraper_name = task.scraper.clone();
         self.leases.remove(&lease.id);
+        if let Some(permit) = self.permits.remove(&lease.id) {
+            self.limits.release(&permit);
+        }
+        if exit_code == Some(EXIT_TEMPFAIL) {
+            let groups = self.scraper_groups(&scraper_name);
+            self.limits.throttled(&groups, now);
+        }
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return Ok(());
+        };
         if let Some(agent) = self.agents.get_mut(&lease.agent) {
             agent.running.remove(&lease.id);
         }
@@ -1062,6 +1093,7 @@ impl State {
         if !self.dispatch_enabled || self.queue.ready_len() == 0 || self.agents.is_empty() {
             return Ok(());
         }
+        let now = now_ms();
         let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
         loop {
             let mut assigned = false;
@@ -1073,11 +1105,22 @@ impl State {
                 if agent.running.len() >= agent.slots as usize {
                     continue;
                 }
-                let Some((key, scraper)) = self.queue.best(agent.eligible.iter()) else {
+                // The best ready task among the scrapers this agent may run
+                // whose limit groups admit one more start now.
+                let heads = self.queue.heads(agent.eligible.iter());
+                let mut chosen = None;
+                for (key, scraper) in heads {
+                    let groups = self.scraper_groups(&scraper);
+                    if let Some(permit) = self.limits.try_acquire(&groups, now) {
+                        chosen = Some((key, scraper, permit));
+                        break;
+                    }
+                }
+                let Some((key, scraper, permit)) = chosen else {
                     continue;
                 };
                 self.queue.pop(&scraper);
-                self.assign(tx, fx, agent_id, key.2)?;
+                self.assign(tx, fx, agent_id, key.2, permit)?;
                 assigned = true;
             }
             self.rr = self.rr.wrapping_add(1);
@@ -1093,10 +1136,12 @@ impl State {
         fx: &mut Effects,
         agent_id: &AgentId,
         id: TaskId,
+        permit: Permit,
     ) -> Result<()> {
         let now = now_ms();
         let ttl = self.lease_ttl_ms();
         let Some(task) = self.tasks.get_mut(&id) else {
+            self.limits.refund(permit, now);
             return Ok(());
         };
         let attempt = task.attempts + 1;
@@ -1111,6 +1156,12 @@ impl State {
         self.leases.insert(lease.clone(), id);
         let task = &self.tasks[&id];
         let assign = build_assign(&self.catalog, &self.opts, task, &lease, attempt);
+        if assign.is_err() {
+            // The lease never starts: its start does not count against the groups.
+            self.limits.refund(permit, now);
+        } else {
+            self.permits.insert(lease.clone(), permit);
+        }
         let source = task.source.to_string();
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return Ok(());

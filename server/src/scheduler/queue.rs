@@ -73,12 +73,12 @@ impl ReadyQueue {
         }
     }
 
-    /// The best ready task among `scrapers`, with the scraper it is queued under.
-    pub fn best<'a>(
+    /// The head of each of `scrapers`' ready sets, best first.
+    pub fn heads<'a>(
         &self,
         scrapers: impl IntoIterator<Item = &'a Arc<str>>,
-    ) -> Option<(ReadyKey, Arc<str>)> {
-        scrapers
+    ) -> Vec<(ReadyKey, Arc<str>)> {
+        let mut heads: Vec<(ReadyKey, Arc<str>)> = scrapers
             .into_iter()
             .filter_map(|s| {
                 self.ready
@@ -86,7 +86,9 @@ impl ReadyQueue {
                     .and_then(|set| set.first())
                     .map(|k| (*k, s.clone()))
             })
-            .min_by_key(|(k, _)| *k)
+            .collect();
+        heads.sort_by_key(|(k, _)| *k);
+        heads
     }
 
     /// Removes and returns the head of `scraper`'s ready set.
@@ -113,7 +115,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn best_prefers_priority_then_age_then_id() {
+    fn heads_prefer_priority_then_age_then_id() {
         let a: Arc<str> = "a".into();
         let b: Arc<str> = "b".into();
         let mut q = ReadyQueue::default();
@@ -123,15 +125,16 @@ mod tests {
         q.insert(&b, Priority::Critical, 500, TaskId(4), 100); // delayed
         assert_eq!(q.ready_len(), 3);
         assert_eq!(q.delayed_len(), 1);
-        let (key, scraper) = q.best([&a, &b]).unwrap();
+        let (key, scraper) = q.heads([&a, &b])[0].clone();
         assert_eq!((key.2, &*scraper), (TaskId(3), "b"));
         // An agent eligible only for `a` gets a's best.
-        assert_eq!(q.best([&a]).unwrap().0.2, TaskId(2));
+        assert_eq!(q.heads([&a])[0].0.2, TaskId(2));
+        assert_eq!(q.heads([&a, &b]).len(), 2);
         q.promote(500);
-        assert_eq!(q.best([&a, &b]).unwrap().0.2, TaskId(4));
+        assert_eq!(q.heads([&a, &b])[0].0.2, TaskId(4));
         assert_eq!(q.pop("b").unwrap().2, TaskId(4));
         q.remove("a", Priority::High, 50, TaskId(2));
-        assert_eq!(q.best([&a]).unwrap().0.2, TaskId(1));
+        assert_eq!(q.heads([&a])[0].0.2, TaskId(1));
         assert_eq!(q.ready_len(), 2);
     }
 

@@ -14,4 +14,5 @@ mod failures;
 mod grpc;
 mod inventory;
 mod lake;
+mod limits;
 mod s3;
