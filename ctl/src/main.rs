@@ -152,6 +152,39 @@ enum Command {
 
     /// Resume handing out work. Prints the loop state.
     Resume,
+
+    /// Put dead, cancelled or unavailable tasks back in the queue, ready now,
+    /// with their attempts reset.
+    ///
+    /// Name task ids, or select by state (and source), e.g.
+    /// `adcectl retry --source bbref --state dead`. Exits 1 when a named task
+    /// could not be retried (each is listed on stderr with why).
+    Retry {
+        /// Ids of the tasks to retry.
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "state",
+            conflicts_with = "state"
+        )]
+        ids: Vec<i64>,
+        /// Retry every task in this state (dead, cancelled or unavailable).
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// With --state: only tasks of this source.
+        #[arg(long, value_name = "NAME", requires = "state")]
+        source: Option<String>,
+    },
+
+    /// Cancel a pending or running task; a running one is killed on its agent.
+    /// A cancelled task waits until it is retried.
+    Cancel {
+        /// The task's id.
+        #[arg(value_name = "ID")]
+        id: i64,
+        /// Why, recorded as the task's last error.
+        #[arg(long, default_value = "", value_name = "TEXT")]
+        reason: String,
+    },
 }
 
 /// A task state on the command line.
@@ -318,6 +351,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reconcile => reconcile::run(&target, json).await,
         Command::Pause => status::set_paused(&target, true, json).await,
         Command::Resume => status::set_paused(&target, false, json).await,
+        Command::Retry { ids, state, source } => {
+            let request = pb::RetryRequest {
+                task_ids: ids,
+                source: source.unwrap_or_default(),
+                state: state.map_or(pb::TaskState::Unspecified, Into::into) as i32,
+            };
+            tasks::retry(&target, request, json).await
+        }
+        Command::Cancel { id, reason } => tasks::cancel(&target, id, reason, json).await,
     }
 }
 

@@ -14,6 +14,8 @@ use crate::output;
 /// The most pages `--all` follows, a guard against a server whose page
 /// tokens never end (1000 pages of 1000 tasks is a million tasks).
 const MAX_PAGES: usize = 1_000;
+/// How many of a task's log lines `task` shows.
+const TASK_LOG_LINES: u32 = 50;
 
 /// The filters and paging of `tasks`, already in wire terms.
 #[derive(Debug, Clone, Default)]
@@ -80,10 +82,106 @@ pub async fn show(target: &Target, id: i64, json: bool) -> anyhow::Result<ExitCo
             client.get_task(target.request(pb::GetTaskRequest { id })),
         )
         .await?;
+    let mut stream = target
+        .call(
+            "logs",
+            client.logs(target.request(pb::LogsRequest {
+                tail: TASK_LOG_LINES,
+                task_id: id,
+                ..pb::LogsRequest::default()
+            })),
+        )
+        .await?;
+    let mut lines = Vec::new();
+    loop {
+        match tokio::time::timeout(target.timeout, stream.message()).await {
+            Ok(Ok(Some(entry))) => lines.push(entry),
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => bail!(target.status_message(&status)),
+            Err(_) => bail!(target.timeout_message("logs")),
+        }
+    }
     if json {
-        output::emit_json(&output::task_detail_json(&detail))?;
+        let mut value = output::task_detail_json(&detail);
+        value["logs"] = Value::Array(lines.iter().map(output::log_entry_json).collect());
+        output::emit_json(&value)?;
     } else {
-        output::emit(&render_detail(&detail, output::now_unix_ms()))?;
+        let mut text = render_detail(&detail, output::now_unix_ms());
+        text.push_str(&format!("\nLOG (last {TASK_LOG_LINES} lines)\n"));
+        for entry in &lines {
+            text.push_str(&output::log_entry_line(entry));
+            text.push('\n');
+        }
+        output::emit(&text)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `retry`.
+pub async fn retry(
+    target: &Target,
+    request: pb::RetryRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let reply = target
+        .call("retry", client.retry(target.request(request)))
+        .await?;
+    if json {
+        output::emit_json(&serde_json::json!({
+            "retried": reply.retried,
+            "skipped": reply.skipped,
+        }))?;
+    } else {
+        let ids: Vec<String> = reply.retried.iter().map(i64::to_string).collect();
+        output::emit(&format!(
+            "retried {} tasks{}\n",
+            ids.len(),
+            if ids.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", ids.join(", "))
+            }
+        ))?;
+    }
+    for skipped in &reply.skipped {
+        eprintln!("adcectl: not retried: {skipped}");
+    }
+    Ok(if reply.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs `cancel`.
+pub async fn cancel(
+    target: &Target,
+    id: i64,
+    reason: String,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let reply = target
+        .call(
+            "cancel",
+            client.cancel(target.request(pb::CancelRequest {
+                task_id: id,
+                reason,
+            })),
+        )
+        .await?;
+    let previous = output::state_name(reply.previous_state());
+    if json {
+        output::emit_json(&serde_json::json!({
+            "task_id": reply.task_id,
+            "previous_state": previous,
+        }))?;
+    } else {
+        output::emit(&format!(
+            "task {} cancelled (was {previous})\n",
+            reply.task_id
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }

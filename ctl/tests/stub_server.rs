@@ -350,6 +350,21 @@ impl Control for Stub {
             r#loop: Some(loop_state(false)),
         }))
     }
+
+    // Retry and cancel are tested against the real server end to end.
+    async fn retry(
+        &self,
+        _request: Request<pb::RetryRequest>,
+    ) -> Result<Response<pb::RetryReply>, Status> {
+        Err(Status::unimplemented("not part of the stand-in"))
+    }
+
+    async fn cancel(
+        &self,
+        _request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelReply>, Status> {
+        Err(Status::unimplemented("not part of the stand-in"))
+    }
 }
 
 /// A running stub server; dropping it does not stop it, [`Server::stop`] does.

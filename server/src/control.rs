@@ -18,7 +18,7 @@ use crate::logs;
 use crate::model::{Priority, TaskId, TaskState, now_ms};
 use crate::reconcile::Coverage;
 use crate::reconciler::{ReconcileProgress, ReconcileSummary};
-use crate::scheduler::{AgentSnapshot, Command, Handle};
+use crate::scheduler::{AgentSnapshot, Command, Handle, RetrySelection};
 use crate::store::{self, LogFilter, Readers, TaskFilter, TaskRow};
 
 /// The default and largest page of ListTasks.
@@ -502,7 +502,64 @@ impl pb::control_server::Control for ControlService {
             r#loop: Some(loop_pb(&status)),
         }))
     }
+
+    async fn retry(
+        &self,
+        request: Request<pb::RetryRequest>,
+    ) -> Result<Response<pb::RetryReply>, Status> {
+        let req = request.into_inner();
+        let which = if !req.task_ids.is_empty() {
+            if req.task_ids.len() > MAX_RETRY_IDS {
+                return Err(Status::invalid_argument(format!(
+                    "at most {MAX_RETRY_IDS} task ids per retry"
+                )));
+            }
+            RetrySelection::Ids(req.task_ids.iter().map(|id| TaskId(*id)).collect())
+        } else {
+            let state = TaskState::from_pb(req.state()).ok_or_else(|| {
+                Status::invalid_argument("name task ids, or a state (dead, cancelled, unavailable)")
+            })?;
+            if !req.source.is_empty() && self.scheduler.catalog().source(&req.source).is_none() {
+                return Err(Status::not_found(format!(
+                    "source {} is not in the catalog",
+                    req.source
+                )));
+            }
+            RetrySelection::State(state, (!req.source.is_empty()).then_some(req.source))
+        };
+        let (retried, skipped) = self
+            .scheduler
+            .call(|reply| Command::Retry { which, reply })
+            .await??;
+        Ok(Response::new(pb::RetryReply {
+            retried: retried.iter().map(|id| id.0).collect(),
+            skipped,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelReply>, Status> {
+        let req = request.into_inner();
+        let reason: String = req.reason.chars().take(500).collect();
+        let previous = self
+            .scheduler
+            .call(|reply| Command::Cancel {
+                id: TaskId(req.task_id),
+                reason,
+                reply,
+            })
+            .await??;
+        Ok(Response::new(pb::CancelReply {
+            task_id: req.task_id,
+            previous_state: pb::TaskState::from(previous) as i32,
+        }))
+    }
 }
+
+/// The most task ids one retry request may name.
+const MAX_RETRY_IDS: usize = 10_000;
 
 /// A response stream fed by a task that sends into a bounded channel; the
 /// task stops when the client goes away.

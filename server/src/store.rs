@@ -436,6 +436,39 @@ pub fn set_task_state(
     Ok(())
 }
 
+/// Puts a dead, cancelled or unavailable task back to pending, ready at
+/// `now`, attempts reset. Returns the task as it is now, or `None` when it is
+/// in another state (or does not exist).
+pub fn retry_task(tx: &Transaction<'_>, id: TaskId, now: UnixMs) -> Result<Option<TaskRow>> {
+    let changed = tx.execute(
+        "UPDATE tasks SET state = 'pending', attempts = 0, ready_at = ?2, last_error = '', \
+             lease_id = NULL, agent_id = NULL, updated_at = ?2, finished_at = NULL \
+         WHERE id = ?1 AND state IN ('dead', 'cancelled', 'unavailable')",
+        params![id.0, now],
+    )?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    get_task(tx, id)
+}
+
+/// Ids of the tasks in `state`, of `source` when given, oldest first.
+pub fn ids_in_state(
+    conn: &Connection,
+    state: TaskState,
+    source: Option<&str>,
+) -> Result<Vec<TaskId>> {
+    let mut stmt = conn.prepare(
+        "SELECT id FROM tasks WHERE state = ?1 AND (?2 IS NULL OR source = ?2) ORDER BY id",
+    )?;
+    let rows = stmt.query_map(params![state.as_str(), source], |row| row.get(0))?;
+    Ok(rows
+        .collect::<rusqlite::Result<Vec<i64>>>()?
+        .into_iter()
+        .map(TaskId)
+        .collect())
+}
+
 /// Records an upload.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_upload(

@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 use super::queue::ReadyQueue;
 use super::{
     AgentEvent, AgentSnapshot, AgentTx, Command, Handle, LeaseInfo, ObjectCheck, PlannedTask,
-    QueueStats, SchedulerOptions,
+    QueueStats, RetrySelection, SchedulerOptions,
 };
 use crate::catalog::{ArgPiece, Catalog, RenderContext};
 use crate::error::{Error, Result};
@@ -416,6 +416,20 @@ impl State {
                     .map(|t| (t.id, t.progress))
                     .collect();
                 fx.reply(reply, progress);
+            }
+            Command::Retry { which, reply } => {
+                let result = self.retry(tx, fx, which);
+                match result {
+                    Err(Error::Store(e)) => return Err(Error::Store(e)),
+                    other => fx.reply(reply, other),
+                }
+            }
+            Command::Cancel { id, reason, reply } => {
+                let result = self.cancel(tx, fx, id, &reason);
+                match result {
+                    Err(Error::Store(e)) => return Err(Error::Store(e)),
+                    other => fx.reply(reply, other),
+                }
             }
             Command::Log(row) => self.log(tx, fx, row)?,
             Command::Shutdown { reply } => fx.reply(reply, ()),
@@ -973,6 +987,141 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Puts the selected terminal tasks back in the queue.
+    fn retry(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        which: RetrySelection,
+    ) -> Result<(Vec<TaskId>, Vec<String>)> {
+        let ids = match which {
+            RetrySelection::Ids(ids) => ids,
+            RetrySelection::State(state, source) => {
+                if !matches!(
+                    state,
+                    TaskState::Dead | TaskState::Cancelled | TaskState::Unavailable
+                ) {
+                    return Err(Error::InvalidArgument(format!(
+                        "only dead, cancelled or unavailable tasks can be retried, not {state}"
+                    )));
+                }
+                store::ids_in_state(tx, state, source.as_deref())?
+            }
+        };
+        let now = now_ms();
+        let (mut retried, mut skipped) = (Vec::new(), Vec::new());
+        for id in ids {
+            if let Some(task) = self.tasks.get(&id) {
+                let state = if task.lease.is_some() {
+                    "leased"
+                } else {
+                    "pending"
+                };
+                skipped.push(format!("task {id} is {state}"));
+                continue;
+            }
+            let Some(row) = store::retry_task(tx, id, now)? else {
+                match store::get_task(tx, id)? {
+                    Some(row) => skipped.push(format!("task {id} is {}", row.state)),
+                    None => skipped.push(format!("task {id} does not exist")),
+                }
+                continue;
+            };
+            let source = self.intern(&row.source);
+            let scraper = self.intern(&row.scraper);
+            self.queue.insert(&scraper, row.priority, now, id, now);
+            self.by_partition
+                .insert((source.clone(), row.partition.key()), id);
+            self.log(
+                tx,
+                fx,
+                Event::info("retried by an operator")
+                    .task(id)
+                    .source(source.to_string())
+                    .row(),
+            )?;
+            self.tasks.insert(
+                id,
+                Active {
+                    id,
+                    source,
+                    scraper,
+                    partition: row.partition,
+                    keys: row.expected_keys,
+                    priority: row.priority,
+                    attempts: 0,
+                    ready_at: now,
+                    lease: None,
+                    progress: 0.0,
+                },
+            );
+            retried.push(id);
+        }
+        Ok((retried, skipped))
+    }
+
+    /// Cancels a pending or leased task; a leased one is killed on its agent.
+    fn cancel(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        id: TaskId,
+        reason: &str,
+    ) -> Result<TaskState> {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return match store::get_task(tx, id)? {
+                Some(row) => Err(Error::FailedPrecondition(format!(
+                    "task {id} is {}; only pending or leased tasks can be cancelled",
+                    row.state
+                ))),
+                None => Err(Error::NotFound(format!("task {id} does not exist"))),
+            };
+        };
+        let now = now_ms();
+        let error = if reason.is_empty() {
+            "cancelled by an operator".to_string()
+        } else {
+            format!("cancelled by an operator: {reason}")
+        };
+        let previous = if task.lease.is_some() {
+            TaskState::Leased
+        } else {
+            TaskState::Pending
+        };
+        if let Some(lease) = task.lease.take() {
+            store::end_attempt(
+                tx,
+                &AttemptEnd {
+                    task: id,
+                    number: task.attempts,
+                    exit_code: None,
+                    outcome: "cancelled",
+                    error: &error,
+                },
+                now,
+            )?;
+            self.leases.remove(&lease.id);
+            if let Some(permit) = self.permits.remove(&lease.id) {
+                self.limits.release(&permit);
+            }
+            if let Some(agent) = self.agents.get_mut(&lease.agent) {
+                agent.running.remove(&lease.id);
+                fx.send(
+                    &agent.tx,
+                    Out::Cancel(pb::Cancel {
+                        lease_id: lease.id.0.clone(),
+                        reason: error.clone(),
+                    }),
+                );
+            }
+        }
+        let source = task.source.to_string();
+        store::set_task_state(tx, id, TaskState::Cancelled, now, &error, now)?;
+        self.forget(id);
+        self.log(tx, fx, Event::warn(error).task(id).source(source).row())?;
+        Ok(previous)
     }
 
     /// Drops a task that left the active states from memory.

@@ -231,6 +231,22 @@ pub enum Command {
         /// Task id → fraction.
         reply: oneshot::Sender<std::collections::HashMap<TaskId, f64>>,
     },
+    /// Puts dead, cancelled or unavailable tasks back to pending.
+    Retry {
+        /// Which tasks.
+        which: RetrySelection,
+        /// Retried ids, and why the others were skipped.
+        reply: oneshot::Sender<Result<(Vec<TaskId>, Vec<String>)>>,
+    },
+    /// Cancels a pending or leased task.
+    Cancel {
+        /// The task.
+        id: TaskId,
+        /// Why.
+        reason: String,
+        /// Its state before.
+        reply: oneshot::Sender<Result<crate::model::TaskState>>,
+    },
     /// Appends a server event to the log.
     Log(LogRow),
     /// Commits and stops the actor.
@@ -238,6 +254,15 @@ pub enum Command {
         /// Stopped.
         reply: oneshot::Sender<()>,
     },
+}
+
+/// Which tasks a retry is for.
+#[derive(Debug, Clone)]
+pub enum RetrySelection {
+    /// These tasks.
+    Ids(Vec<TaskId>),
+    /// Every task in this state, of this source when given.
+    State(crate::model::TaskState, Option<String>),
 }
 
 /// A cheap, cloneable handle to the scheduler.

@@ -15,4 +15,5 @@ mod grpc;
 mod inventory;
 mod lake;
 mod limits;
+mod retries;
 mod s3;
