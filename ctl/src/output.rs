@@ -366,7 +366,29 @@ pub fn status_json(reply: &pb::StatusReply) -> Value {
         "tasks_by_priority": counts.by_priority_json(),
         "ready": reply.ready,
         "agents": reply.agents.iter().map(|a| agent_json(a, false)).collect::<Vec<_>>(),
+        "waiting": reply.waiting.iter().map(waiting_json).collect::<Vec<_>>(),
     })
+}
+
+/// A waiting note as JSON.
+pub fn waiting_json(n: &pb::WaitingNote) -> Value {
+    json!({
+        "scraper": n.scraper,
+        "reason": n.reason,
+        "ready": n.ready,
+        "since_unix_ms": n.since_unix_ms,
+    })
+}
+
+/// A waiting note as a line: `waiting: 3 ready tasks of scraper bbref: no
+/// agent with proxy=residential (for 2m)`.
+pub fn waiting_line(n: &pb::WaitingNote, now_ms: i64) -> String {
+    let since = relative(n.since_unix_ms, now_ms);
+    let since = since.trim_end_matches(" ago");
+    format!(
+        "waiting: {} ready tasks of scraper {}: {} (for {since})",
+        n.ready, n.scraper, n.reason
+    )
 }
 
 /// A task object of `tasks --json` and `task --json`.
@@ -779,5 +801,20 @@ mod tests {
         ]
         .into();
         assert_eq!(labels_text(&labels), "arch=x86,zone=eu");
+    }
+
+    #[test]
+    fn waiting_notes_read_as_one_line() {
+        let note = pb::WaitingNote {
+            scraper: "bbref".into(),
+            reason: "no agent with proxy=residential".into(),
+            ready: 3,
+            since_unix_ms: 1_000_000,
+        };
+        assert_eq!(
+            waiting_line(&note, 1_000_000 + 120_000),
+            "waiting: 3 ready tasks of scraper bbref: no agent with proxy=residential (for 2m)"
+        );
+        assert_eq!(waiting_json(&note)["ready"], 3);
     }
 }

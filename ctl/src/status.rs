@@ -156,6 +156,13 @@ pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
         output::align_right(&mut agents, &[2, 3]);
         text.push_str(&output::render(&agents));
     }
+    if !reply.waiting.is_empty() {
+        text.push_str("\nWAITING\n");
+        for note in &reply.waiting {
+            text.push_str(&output::waiting_line(note, now_ms));
+            text.push('\n');
+        }
+    }
     text
 }
 
@@ -200,6 +207,7 @@ mod tests {
             }],
             ready: 7,
             lake: "local:/x".into(),
+            waiting: Vec::new(),
         }
     }
 

@@ -39,6 +39,7 @@ pub async fn list(target: &Target, query: &Query, json: bool) -> anyhow::Result<
     let mut total = 0;
     let mut token = String::new();
     let mut seen_tokens = HashSet::new();
+    let mut waiting = Vec::new();
     for _ in 0..MAX_PAGES {
         let request = pb::ListTasksRequest {
             state: query.state as i32,
@@ -51,6 +52,7 @@ pub async fn list(target: &Target, query: &Query, json: bool) -> anyhow::Result<
             .call("list tasks", client.list_tasks(target.request(request)))
             .await?;
         total = page.total;
+        waiting = page.waiting;
         let empty = page.tasks.is_empty();
         tasks.extend(page.tasks);
         token = page.next_page_token;
@@ -68,7 +70,13 @@ pub async fn list(target: &Target, query: &Query, json: bool) -> anyhow::Result<
         let array: Vec<Value> = tasks.iter().map(output::task_json).collect();
         output::emit_json(&Value::Array(array))?;
     } else {
-        output::emit(&render_list(&tasks, total, output::now_unix_ms()))?;
+        let now = output::now_unix_ms();
+        let mut text = render_list(&tasks, total, now);
+        for note in &waiting {
+            text.push_str(&output::waiting_line(note, now));
+            text.push('\n');
+        }
+        output::emit(&text)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -151,6 +151,7 @@ impl Control for Stub {
             }],
             ready: 0,
             lake: "local:/x".into(),
+            waiting: Vec::new(),
         }))
     }
 
@@ -190,6 +191,7 @@ impl Control for Stub {
                 String::new()
             },
             total: all.len() as u64,
+            waiting: Vec::new(),
         }))
     }
 
@@ -499,7 +501,8 @@ fn status_json_has_exactly_the_documented_shape() {
             },
             "ready": 0,
             "agents": [{"id": "a1", "hostname": "h", "slots": 2, "labels": {},
-                        "running_tasks": [12], "connected": true, "version": "0.1.0"}]
+                        "running_tasks": [12], "connected": true, "version": "0.1.0"}],
+            "waiting": []
         })
     );
 

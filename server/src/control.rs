@@ -18,7 +18,7 @@ use crate::logs;
 use crate::model::{Priority, TaskId, TaskState, now_ms};
 use crate::reconcile::Coverage;
 use crate::reconciler::{ReconcileProgress, ReconcileSummary};
-use crate::scheduler::{AgentSnapshot, Command, Handle, RetrySelection};
+use crate::scheduler::{AgentSnapshot, Command, Handle, RetrySelection, WaitingNote};
 use crate::store::{self, LogFilter, Readers, TaskFilter, TaskRow};
 
 /// The default and largest page of ListTasks.
@@ -119,6 +119,15 @@ fn task_pb(row: &TaskRow, progress: &HashMap<TaskId, f64>) -> pb::TaskSummary {
     }
 }
 
+fn waiting_pb(n: &WaitingNote) -> pb::WaitingNote {
+    pb::WaitingNote {
+        scraper: n.scraper.clone(),
+        reason: n.reason.clone(),
+        ready: n.ready,
+        since_unix_ms: n.since,
+    }
+}
+
 fn summary_pb(s: &ReconcileSummary) -> pb::ReconcileSummary {
     pb::ReconcileSummary {
         expected_objects: s.expected_objects,
@@ -139,9 +148,9 @@ impl pb::control_server::Control for ControlService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         let counts = self.readers.with(store::task_counts).await?;
-        let stats = self
+        let report = self
             .scheduler
-            .call(|reply| Command::Stats { reply })
+            .call(|reply| Command::Report { reply })
             .await?;
         let agents = self
             .scheduler
@@ -174,8 +183,9 @@ impl pb::control_server::Control for ControlService {
             coverage: Some(coverage_pb(&self.loop_handle.coverage().total)),
             tasks,
             agents: agents.iter().map(agent_pb).collect(),
-            ready: stats.ready,
+            ready: report.stats.ready,
             lake: self.lake.clone(),
+            waiting: report.waiting.iter().map(waiting_pb).collect(),
         }))
     }
 
@@ -215,10 +225,15 @@ impl pb::control_server::Control for ControlService {
         } else {
             String::new()
         };
+        let report = self
+            .scheduler
+            .call(|reply| Command::Report { reply })
+            .await?;
         Ok(Response::new(pb::ListTasksReply {
             tasks: rows.iter().map(|r| task_pb(r, &progress)).collect(),
             next_page_token,
             total,
+            waiting: report.waiting.iter().map(waiting_pb).collect(),
         }))
     }
 

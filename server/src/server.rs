@@ -85,6 +85,7 @@ pub async fn run(
             heartbeat_interval: config.server.heartbeat_interval,
             lease_ttl: config.server.lease_ttl,
             config_dir: config.config_dir.clone(),
+            no_agent_after: config.r#loop.no_agent_after,
         },
         logs,
     )?;

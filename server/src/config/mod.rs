@@ -322,7 +322,14 @@ pub struct LoopConfig {
     /// See [`crate::priority::effective`].
     #[serde(with = "duration")]
     pub aging: Duration,
+    /// Ready tasks that no connected agent may run for this long are reported
+    /// ("waiting: no agent with proxy=residential") in status, tasks and logs.
+    #[serde(with = "duration")]
+    pub no_agent_after: Duration,
 }
+
+/// The default of `loop.no_agent_after`.
+pub const DEFAULT_NO_AGENT_AFTER: Duration = Duration::from_secs(60);
 
 impl Default for LoopConfig {
     fn default() -> Self {
@@ -333,6 +340,7 @@ impl Default for LoopConfig {
             dispatch_threshold: DEFAULT_DISPATCH_THRESHOLD,
             max_cycle_runtime: DEFAULT_MAX_CYCLE_RUNTIME,
             aging: DEFAULT_AGING,
+            no_agent_after: DEFAULT_NO_AGENT_AFTER,
         }
     }
 }

@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 use super::queue::ReadyQueue;
 use super::{
     AgentEvent, AgentSnapshot, AgentTx, Command, Handle, LeaseInfo, ObjectCheck, PlannedTask,
-    QueueStats, RetrySelection, SchedulerOptions,
+    QueueReport, QueueStats, RetrySelection, SchedulerOptions, WaitingNote,
 };
 use crate::catalog::{ArgPiece, Catalog, RenderContext};
 use crate::error::{Error, Result};
@@ -125,6 +125,9 @@ struct State {
     rr: usize,
     limits: LimitGroups,
     permits: HashMap<LeaseId, Permit>,
+    /// Scrapers with ready tasks and no eligible connected agent: since when,
+    /// and whether that was logged.
+    unroutable: HashMap<Arc<str>, (UnixMs, bool)>,
 }
 
 /// Loads the queue from the store and starts the scheduler thread.
@@ -147,6 +150,7 @@ pub fn spawn(
         rr: 0,
         limits: LimitGroups::new(&catalog.limits, now_ms()),
         permits: HashMap::new(),
+        unroutable: HashMap::new(),
     };
     let now = now_ms();
     let rows = store::load_active(&conn)?;
@@ -393,16 +397,15 @@ impl State {
                 self.dispatch_enabled = enabled;
             }
             Command::Stats { reply } => {
-                let leased = self.leases.len() as u64;
-                fx.reply(
-                    reply,
-                    QueueStats {
-                        ready: self.queue.ready_len() as u64,
-                        delayed: self.queue.delayed_len() as u64,
-                        leased,
-                        dispatching: self.dispatch_enabled,
-                    },
-                );
+                let stats = self.stats();
+                fx.reply(reply, stats);
+            }
+            Command::Report { reply } => {
+                let report = QueueReport {
+                    stats: self.stats(),
+                    waiting: self.waiting(now_ms()),
+                };
+                fx.reply(reply, report);
             }
             Command::Agents { reply } => {
                 let agents = self.agent_snapshots();
@@ -433,6 +436,110 @@ impl State {
             }
             Command::Log(row) => self.log(tx, fx, row)?,
             Command::Shutdown { reply } => fx.reply(reply, ()),
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> QueueStats {
+        QueueStats {
+            ready: self.queue.ready_len() as u64,
+            delayed: self.queue.delayed_len() as u64,
+            leased: self.leases.len() as u64,
+            dispatching: self.dispatch_enabled,
+        }
+    }
+
+    /// Why no connected agent may run `scraper`'s tasks.
+    fn unroutable_reason(&self, scraper: &str) -> String {
+        if self.agents.is_empty() {
+            return "no agent connected".into();
+        }
+        let requires = self
+            .catalog
+            .scrapers
+            .get(scraper)
+            .map(|s| {
+                s.requires
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        if requires.is_empty() {
+            "no connected agent runs this scraper".into()
+        } else {
+            format!("no agent with {requires}")
+        }
+    }
+
+    /// Scrapers whose ready tasks have had no eligible agent for longer than
+    /// `no_agent_after`.
+    fn waiting(&self, now: UnixMs) -> Vec<WaitingNote> {
+        let after = i64::try_from(self.opts.no_agent_after.as_millis()).unwrap_or(i64::MAX);
+        let mut notes: Vec<WaitingNote> = self
+            .queue
+            .ready_by_scraper()
+            .filter(|(_, ready)| *ready > 0)
+            .filter_map(|(scraper, ready)| {
+                let (since, _) = self.unroutable.get(scraper)?;
+                (now - since >= after).then(|| WaitingNote {
+                    scraper: scraper.to_string(),
+                    reason: self.unroutable_reason(scraper),
+                    ready: ready as u64,
+                    since: *since,
+                })
+            })
+            .collect();
+        notes.sort_by(|a, b| a.scraper.cmp(&b.scraper));
+        notes
+    }
+
+    /// Tracks scrapers whose ready tasks no connected agent may run, and logs
+    /// each once it has waited `no_agent_after`.
+    fn track_unroutable(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        now: UnixMs,
+    ) -> Result<()> {
+        let stuck: Vec<Arc<str>> = self
+            .queue
+            .ready_by_scraper()
+            .filter(|(_, ready)| *ready > 0)
+            .map(|(s, _)| s.clone())
+            .filter(|s| !self.agents.values().any(|a| a.eligible.contains(s)))
+            .collect();
+        self.unroutable.retain(|s, _| stuck.contains(s));
+        for scraper in stuck {
+            self.unroutable.entry(scraper).or_insert((now, false));
+        }
+        let after = i64::try_from(self.opts.no_agent_after.as_millis()).unwrap_or(i64::MAX);
+        let due: Vec<Arc<str>> = self
+            .unroutable
+            .iter()
+            .filter(|(_, (since, logged))| !logged && now - since >= after)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for scraper in due {
+            let note = self
+                .waiting(now)
+                .into_iter()
+                .find(|n| *n.scraper == *scraper);
+            if let Some(note) = note {
+                self.log(
+                    tx,
+                    fx,
+                    Event::warn(format!(
+                        "waiting: {} ready tasks of scraper {}: {}",
+                        note.ready, note.scraper, note.reason
+                    ))
+                    .row(),
+                )?;
+            }
+            if let Some(entry) = self.unroutable.get_mut(&scraper) {
+                entry.1 = true;
+            }
         }
         Ok(())
     }
@@ -1212,6 +1319,7 @@ impl State {
     fn tick(&mut self, tx: &Transaction<'_>, fx: &mut Effects) -> Result<()> {
         let now = now_ms();
         self.queue.promote(now);
+        self.track_unroutable(tx, fx, now)?;
         let expired: Vec<(TaskId, AgentId)> = self
             .tasks
             .values()

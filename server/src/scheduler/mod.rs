@@ -44,6 +44,21 @@ pub struct SchedulerOptions {
     pub lease_ttl: Duration,
     /// Where `{config_dir}` in scraper commands points.
     pub config_dir: std::path::PathBuf,
+    /// Ready work no connected agent may run is reported after this long.
+    pub no_agent_after: Duration,
+}
+
+/// Ready tasks of one scraper that no connected agent may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingNote {
+    /// The scraper.
+    pub scraper: String,
+    /// Why, for a person (`no agent with proxy=residential`).
+    pub reason: String,
+    /// Its ready tasks.
+    pub ready: u64,
+    /// Since when.
+    pub since: UnixMs,
 }
 
 /// What the gateway needs to know about a live lease.
@@ -98,6 +113,16 @@ pub struct QueueStats {
     pub leased: u64,
     /// Whether dispatch is on.
     pub dispatching: bool,
+}
+
+/// Queue numbers with the notes about work no agent may run.
+#[derive(Debug, Clone, Default)]
+pub struct QueueReport {
+    /// The numbers.
+    pub stats: QueueStats,
+    /// Scrapers whose ready tasks have had no eligible agent for longer than
+    /// `no_agent_after`.
+    pub waiting: Vec<WaitingNote>,
 }
 
 /// A connected agent, for status.
@@ -220,6 +245,11 @@ pub enum Command {
     Stats {
         /// The numbers.
         reply: oneshot::Sender<QueueStats>,
+    },
+    /// Queue numbers and waiting notes.
+    Report {
+        /// The report.
+        reply: oneshot::Sender<QueueReport>,
     },
     /// Connected agents.
     Agents {

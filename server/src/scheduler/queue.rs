@@ -98,6 +98,11 @@ impl ReadyQueue {
         Some(key)
     }
 
+    /// Ready tasks per scraper (scrapers with none may be listed with 0).
+    pub fn ready_by_scraper(&self) -> impl Iterator<Item = (&Arc<str>, usize)> {
+        self.ready.iter().map(|(s, set)| (s, set.len()))
+    }
+
     /// Tasks ready now.
     pub fn ready_len(&self) -> usize {
         self.ready_len
