@@ -16,4 +16,5 @@ mod inventory;
 mod lake;
 mod limits;
 mod retries;
+mod routing;
 mod s3;
