@@ -175,6 +175,12 @@ enum Command {
         source: Option<String>,
     },
 
+    /// Re-read the server's config file and apply sources, scrapers, limit
+    /// groups and priorities without a restart (same as SIGHUP to the server).
+    /// Queued and running tasks stay; a config with errors is refused and the
+    /// running one stays.
+    Reload,
+
     /// Cancel a pending or running task; a running one is killed on its agent.
     /// A cancelled task waits until it is retried.
     Cancel {
@@ -360,6 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tasks::retry(&target, request, json).await
         }
         Command::Cancel { id, reason } => tasks::cancel(&target, id, reason, json).await,
+        Command::Reload => status::reload(&target, json).await,
     }
 }
 

@@ -166,6 +166,26 @@ pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
     text
 }
 
+/// Runs `reload`.
+pub async fn reload(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let reply = target
+        .call(
+            "reload",
+            client.reload(target.request(pb::ReloadRequest {})),
+        )
+        .await?;
+    if json {
+        output::emit_json(&serde_json::json!({
+            "message": reply.message,
+            "needs_restart": reply.needs_restart,
+        }))?;
+    } else {
+        output::emit(&format!("{}\n", reply.message))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -367,6 +367,13 @@ impl Control for Stub {
     ) -> Result<Response<pb::CancelReply>, Status> {
         Err(Status::unimplemented("not part of the stand-in"))
     }
+
+    async fn reload(
+        &self,
+        _request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadReply>, Status> {
+        Err(Status::unimplemented("not part of the stand-in"))
+    }
 }
 
 /// A running stub server; dropping it does not stop it, [`Server::stop`] does.

@@ -18,6 +18,7 @@ use crate::logs;
 use crate::model::{Priority, TaskId, TaskState, now_ms};
 use crate::reconcile::Coverage;
 use crate::reconciler::{ReconcileProgress, ReconcileSummary};
+use crate::reload::Reloader;
 use crate::scheduler::{AgentSnapshot, Command, Handle, RetrySelection, WaitingNote};
 use crate::store::{self, LogFilter, Readers, TaskFilter, TaskRow};
 
@@ -36,6 +37,7 @@ pub struct ControlService {
     readers: Arc<Readers>,
     loop_handle: LoopHandle,
     lake: String,
+    reloader: Reloader,
     shutdown: CancellationToken,
 }
 
@@ -46,6 +48,7 @@ impl ControlService {
         readers: Arc<Readers>,
         loop_handle: LoopHandle,
         lake: String,
+        reloader: Reloader,
         shutdown: CancellationToken,
     ) -> Self {
         ControlService {
@@ -53,6 +56,7 @@ impl ControlService {
             readers,
             loop_handle,
             lake,
+            reloader,
             shutdown,
         }
     }
@@ -549,6 +553,17 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(pb::RetryReply {
             retried: retried.iter().map(|id| id.0).collect(),
             skipped,
+        }))
+    }
+
+    async fn reload(
+        &self,
+        _request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadReply>, Status> {
+        let outcome = self.reloader.reload().await?;
+        Ok(Response::new(pb::ReloadReply {
+            message: outcome.message,
+            needs_restart: outcome.needs_restart,
         }))
     }
 

@@ -18,6 +18,7 @@ pub mod observed;
 pub mod priority;
 pub mod reconcile;
 pub mod reconciler;
+pub mod reload;
 pub mod scheduler;
 pub mod server;
 pub mod store;

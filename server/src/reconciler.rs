@@ -154,6 +154,8 @@ impl Reconciler {
         let now = now_ms();
         let today = chrono::Utc::now().date_naive();
         let observed_at = now;
+        // A reload may have replaced the catalog since the last run.
+        self.catalog = self.scheduler.catalog();
 
         let mut observation = self.observe().await?;
         report(ReconcileProgress::Phase(

@@ -25,6 +25,7 @@ use crate::gateway::Gateway;
 use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
 use crate::reconciler::{InventorySource, Reconciler};
+use crate::reload::Reloader;
 use crate::scheduler::{self, Command, SchedulerOptions};
 use crate::store::{self, Readers};
 
@@ -61,6 +62,33 @@ pub async fn open_lake(config: &Config) -> Result<(SharedLake, Option<InventoryS
         _ => Err(Error::InvalidArgument(
             "the config names no usable lake backend".into(),
         )),
+    }
+}
+
+/// Reloads the config on every SIGHUP until `stop` is cancelled; a reload
+/// that fails is logged and changes nothing.
+async fn reload_on_sighup(reloader: Reloader, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; reload with adcectl reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                info!("SIGHUP: reloading the config");
+                if let Err(e) = reloader.reload().await {
+                    warn!(error = %e, "reload failed");
+                }
+            }
+        }
     }
 }
 
@@ -147,12 +175,15 @@ pub async fn run(
         loop_token.clone(),
     );
 
+    let reloader = Reloader::new(&config, sched.clone());
+    tokio::spawn(reload_on_sighup(reloader.clone(), token.clone()));
     let gateway = Gateway::new(sched.clone(), lake.clone(), config.server.max_upload_bytes);
     let control = ControlService::new(
         sched.clone(),
         readers,
         loop_handle,
         lake_name.clone(),
+        reloader,
         token.clone(),
     );
     let addr = listener.local_addr().ok();

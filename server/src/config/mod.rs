@@ -168,6 +168,10 @@ pub struct Config {
     /// `{config_dir}` renders to it. Not part of the YAML.
     #[serde(skip)]
     pub config_dir: PathBuf,
+    /// The file the config was loaded from, when it was (`reload` reads it
+    /// again). Not part of the YAML.
+    #[serde(skip)]
+    pub source_path: Option<PathBuf>,
 }
 
 fn ser_version<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
@@ -528,7 +532,9 @@ impl Config {
             .ok()
             .and_then(|p| p.parent().map(Path::to_owned))
             .unwrap_or_else(|| dir_of(path));
-        Config::parse_in(&src, path, &dir)
+        let mut cfg = Config::parse_in(&src, path, &dir)?;
+        cfg.source_path = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_owned()));
+        Ok(cfg)
     }
 
     /// Parses and validates `src`. `origin` names the file in messages, and relative

@@ -13,8 +13,8 @@ use tracing::{debug, error, info, warn};
 
 use super::queue::ReadyQueue;
 use super::{
-    AgentEvent, AgentSnapshot, AgentTx, Command, Handle, LeaseInfo, ObjectCheck, PlannedTask,
-    QueueReport, QueueStats, RetrySelection, SchedulerOptions, WaitingNote,
+    AgentEvent, AgentSnapshot, AgentTx, CatalogCell, Command, Handle, LeaseInfo, ObjectCheck,
+    PlannedTask, QueueReport, QueueStats, RetrySelection, SchedulerOptions, WaitingNote,
 };
 use crate::catalog::{ArgPiece, Catalog, RenderContext};
 use crate::error::{Error, Result};
@@ -128,6 +128,8 @@ struct State {
     /// Scrapers with ready tasks and no eligible connected agent: since when,
     /// and whether that was logged.
     unroutable: HashMap<Arc<str>, (UnixMs, bool)>,
+    /// Where readers find the catalog in force.
+    cell: Option<CatalogCell>,
 }
 
 /// Loads the queue from the store and starts the scheduler thread.
@@ -151,6 +153,7 @@ pub fn spawn(
         limits: LimitGroups::new(&catalog.limits, now_ms()),
         permits: HashMap::new(),
         unroutable: HashMap::new(),
+        cell: None,
     };
     let now = now_ms();
     let rows = store::load_active(&conn)?;
@@ -202,10 +205,12 @@ pub fn spawn(
     }
     info!(pending, leased, "scheduler loaded the queue");
     let (tx, rx) = mpsc::channel();
+    let cell = CatalogCell::new(catalog);
+    state.cell = Some(cell.clone());
     let handle = Handle {
         tx,
         logs: logs.clone(),
-        catalog,
+        catalog: cell,
     };
     let thread = std::thread::Builder::new()
         .name("adce-scheduler".into())
@@ -434,6 +439,10 @@ impl State {
                     other => fx.reply(reply, other),
                 }
             }
+            Command::Reload { catalog, reply } => {
+                self.reload(tx, fx, catalog)?;
+                fx.reply(reply, ());
+            }
             Command::Log(row) => self.log(tx, fx, row)?,
             Command::Shutdown { reply } => fx.reply(reply, ()),
         }
@@ -590,20 +599,8 @@ impl State {
         }
         let now = now_ms();
         let id = AgentId(hello.agent_id.clone());
-        let eligible: Vec<Arc<str>> = self
-            .catalog
-            .scrapers
-            .iter()
-            .filter(|(_, s)| {
-                s.requires
-                    .iter()
-                    .all(|(k, v)| hello.labels.get(k) == Some(v))
-            })
-            .map(|(name, _)| name.clone())
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|name| self.intern(&name))
-            .collect();
+        let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+        let eligible = self.eligible_scrapers(&labels);
         let replaced = self.agents.remove(&id).is_some();
         let mut agent = Agent {
             conn_id,
@@ -1094,6 +1091,58 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// The scrapers an agent with `labels` may run.
+    fn eligible_scrapers(&mut self, labels: &BTreeMap<String, String>) -> Vec<Arc<str>> {
+        let names: Vec<String> = self
+            .catalog
+            .scrapers
+            .iter()
+            .filter(|(_, s)| s.requires.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.iter().map(|n| self.intern(n)).collect()
+    }
+
+    /// Swaps in a reloaded catalog. Limit groups keep counting running
+    /// tasks; agents' eligible scrapers are recomputed.
+    fn reload(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        catalog: Arc<Catalog>,
+    ) -> Result<()> {
+        self.catalog = catalog.clone();
+        self.limits.reload(&catalog.limits, now_ms());
+        let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
+        for id in ids {
+            let labels = self.agents[&id].labels.clone();
+            let eligible = self.eligible_scrapers(&labels);
+            if let Some(agent) = self.agents.get_mut(&id) {
+                agent.eligible = eligible;
+            }
+        }
+        if let Some(cell) = &self.cell {
+            cell.set(catalog.clone());
+        }
+        info!(
+            sources = catalog.sources.len(),
+            scrapers = catalog.scrapers.len(),
+            limits = catalog.limits.len(),
+            "catalog reloaded"
+        );
+        self.log(
+            tx,
+            fx,
+            Event::info(format!(
+                "config reloaded: {} sources, {} scrapers, {} limit groups",
+                catalog.sources.len(),
+                catalog.scrapers.len(),
+                catalog.limits.len()
+            ))
+            .row(),
+        )
     }
 
     /// Puts the selected terminal tasks back in the queue.

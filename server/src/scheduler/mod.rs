@@ -277,6 +277,14 @@ pub enum Command {
         /// Its state before.
         reply: oneshot::Sender<Result<crate::model::TaskState>>,
     },
+    /// Swaps in a reloaded catalog: scrapers, sources and limit groups change;
+    /// queued and running tasks stay.
+    Reload {
+        /// The new catalog.
+        catalog: Arc<Catalog>,
+        /// Done.
+        reply: oneshot::Sender<()>,
+    },
     /// Appends a server event to the log.
     Log(LogRow),
     /// Commits and stops the actor.
@@ -300,7 +308,35 @@ pub enum RetrySelection {
 pub struct Handle {
     tx: mpsc::Sender<Command>,
     logs: LogBus,
-    catalog: Arc<Catalog>,
+    catalog: CatalogCell,
+}
+
+/// The catalog in force, shared: the scheduler replaces it on reload, readers
+/// take the current one.
+#[derive(Debug, Clone)]
+pub struct CatalogCell(Arc<std::sync::RwLock<Arc<Catalog>>>);
+
+impl CatalogCell {
+    /// A cell holding `catalog`.
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        CatalogCell(Arc::new(std::sync::RwLock::new(catalog)))
+    }
+
+    /// The catalog in force.
+    pub fn get(&self) -> Arc<Catalog> {
+        match self.0.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the catalog.
+    pub fn set(&self, catalog: Arc<Catalog>) {
+        match self.0.write() {
+            Ok(mut guard) => *guard = catalog,
+            Err(poisoned) => *poisoned.into_inner() = catalog,
+        }
+    }
 }
 
 impl Handle {
@@ -326,8 +362,8 @@ impl Handle {
         &self.logs
     }
 
-    /// The catalog the scheduler renders tasks from.
-    pub fn catalog(&self) -> &Arc<Catalog> {
-        &self.catalog
+    /// The catalog in force.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.get()
     }
 }

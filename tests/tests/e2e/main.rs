@@ -15,6 +15,7 @@ mod grpc;
 mod inventory;
 mod lake;
 mod limits;
+mod reload;
 mod retries;
 mod routing;
 mod s3;
