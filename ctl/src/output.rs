@@ -391,6 +391,15 @@ pub fn waiting_line(n: &pb::WaitingNote, now_ms: i64) -> String {
     )
 }
 
+/// The priority dispatch uses now (the base priority when the server did
+/// not say).
+pub fn effective_priority(t: &pb::TaskSummary) -> pb::Priority {
+    match t.effective_priority() {
+        pb::Priority::Unspecified => t.priority(),
+        p => p,
+    }
+}
+
 /// A task object of `tasks --json` and `task --json`.
 pub fn task_json(t: &pb::TaskSummary) -> Value {
     json!({
@@ -399,6 +408,8 @@ pub fn task_json(t: &pb::TaskSummary) -> Value {
         "partition": partition_text(t),
         "state": state_name(t.state()),
         "priority": priority_name(t.priority()),
+        "effective_priority": priority_name(effective_priority(t)),
+        "priority_reason": t.priority_reason,
         "attempts": t.attempts,
         "reason": reason_name(t.reason()),
         "last_error": t.last_error,
@@ -538,6 +549,8 @@ mod tests {
             ready_unix_ms: 3,
             partition_key: "date=2024-10-22".into(),
             progress: 0.5,
+            effective_priority: pb::Priority::Critical as i32,
+            priority_reason: "rule: within 3d".into(),
         }
     }
 
@@ -684,7 +697,9 @@ mod tests {
         assert_eq!(value["partition"], json!("date=2024-10-22"));
         assert_eq!(value["agent"], json!("agent-1"));
         assert_eq!(value["progress"], json!(0.5));
-        assert_eq!(value.as_object().map(|m| m.len()), Some(13));
+        assert_eq!(value["effective_priority"], json!("critical"));
+        assert_eq!(value["priority_reason"], json!("rule: within 3d"));
+        assert_eq!(value.as_object().map(|m| m.len()), Some(15));
     }
 
     #[test]

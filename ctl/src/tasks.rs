@@ -207,6 +207,7 @@ pub fn render_list(tasks: &[pb::TaskSummary], total: u64, now_ms: i64) -> String
         "AGENT",
         "LAST ERROR",
         "UPDATED",
+        "WHY THIS PRIORITY",
     ]);
     for task in tasks {
         t.add_row(vec![
@@ -214,12 +215,13 @@ pub fn render_list(tasks: &[pb::TaskSummary], total: u64, now_ms: i64) -> String
             task.source.clone(),
             output::partition_text(task),
             state_with_progress(task),
-            output::priority_name(task.priority()).to_owned(),
+            output::priority_name(output::effective_priority(task)).to_owned(),
             task.attempts.to_string(),
             output::reason_name(task.reason()).to_owned(),
             task.agent_id.clone(),
             output::truncate(&task.last_error, output::LAST_ERROR_WIDTH),
             output::relative(task.updated_unix_ms, now_ms),
+            output::truncate(&task.priority_reason, output::LAST_ERROR_WIDTH),
         ]);
     }
     output::align_right(&mut t, &[0, 5]);

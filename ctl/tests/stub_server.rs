@@ -108,6 +108,8 @@ fn task_summary(id: i64) -> pb::TaskSummary {
         ready_unix_ms: T0,
         partition_key: format!("date=2024-10-{id:02}"),
         progress: 0.0,
+        effective_priority: pb::Priority::High as i32,
+        priority_reason: "base".into(),
     }
 }
 
@@ -546,7 +548,8 @@ fn tasks_pass_filters_and_follow_pages_with_all() {
     assert_eq!(
         third,
         &json!({"id": 3, "source": "espn_pbp", "partition": "date=2024-10-03",
-                "state": "dead", "priority": "high", "attempts": 3, "reason": "missing",
+                "state": "dead", "priority": "high", "effective_priority": "high",
+                "priority_reason": "base", "attempts": 3, "reason": "missing",
                 "last_error": "exit 1: upstream returned 500", "agent": "", "progress": 0.0,
                 "created_unix_ms": T0 - 86_400_000, "updated_unix_ms": T0 - 60_000,
                 "ready_unix_ms": T0})

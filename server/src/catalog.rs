@@ -89,6 +89,9 @@ pub struct Source {
     pub recheck_after: Duration,
     /// Always confirm this source by listing, even when an inventory report is used.
     pub hot: bool,
+    /// The source's priority rules (partition recency, current season); the
+    /// first that matches a partition sets its tasks' base priority.
+    pub priority_rules: crate::priority::PriorityRules,
 }
 
 /// A dependent source's parent objects and how values are read out of them.
@@ -252,6 +255,7 @@ impl Catalog {
                 refresh: s.refresh,
                 recheck_after: s.recheck_after,
                 hot: s.hot,
+                priority_rules: crate::priority::PriorityRules::from_source(s),
             })
             .collect();
         let scrapers = cfg

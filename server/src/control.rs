@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use adce_proto::v1 as pb;
 use tokio_stream::Stream;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::autoloop::{LoopHandle, LoopStatus};
+use crate::catalog::Catalog;
 use crate::error::Error;
 use crate::logs;
 use crate::model::{Priority, TaskId, TaskState, now_ms};
@@ -38,6 +40,7 @@ pub struct ControlService {
     loop_handle: LoopHandle,
     lake: String,
     reloader: Reloader,
+    aging: Duration,
     shutdown: CancellationToken,
 }
 
@@ -49,6 +52,7 @@ impl ControlService {
         loop_handle: LoopHandle,
         lake: String,
         reloader: Reloader,
+        aging: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         ControlService {
@@ -57,6 +61,7 @@ impl ControlService {
             loop_handle,
             lake,
             reloader,
+            aging,
             shutdown,
         }
     }
@@ -100,8 +105,35 @@ fn agent_pb(a: &AgentSnapshot) -> pb::AgentInfo {
     }
 }
 
-fn task_pb(row: &TaskRow, progress: &HashMap<TaskId, f64>) -> pb::TaskSummary {
+/// The effective priority of a task and why it has it.
+fn explain_priority(row: &TaskRow, catalog: &Catalog, aging: Duration) -> (Priority, String) {
+    let today = chrono::Utc::now().date_naive();
+    let rule = catalog
+        .source(&row.source)
+        .map(|s| s.priority_rules.base_for(&row.partition, today))
+        .filter(|(priority, _)| *priority == row.priority)
+        .map_or_else(
+            || "set when queued".to_string(),
+            |(_, reason)| reason.to_string(),
+        );
+    if row.state != TaskState::Pending {
+        return (row.priority, rule);
+    }
+    let (effective, explanation) =
+        crate::priority::effective(row.priority, row.ready_at, now_ms(), aging);
+    (effective, format!("{rule}; {explanation}"))
+}
+
+fn task_pb(
+    row: &TaskRow,
+    progress: &HashMap<TaskId, f64>,
+    catalog: &Catalog,
+    aging: Duration,
+) -> pb::TaskSummary {
+    let (effective, reason) = explain_priority(row, catalog, aging);
     pb::TaskSummary {
+        effective_priority: pb::Priority::from(effective) as i32,
+        priority_reason: reason,
         id: row.id.0,
         source: row.source.clone(),
         partition: row.partition.to_pb(),
@@ -224,6 +256,7 @@ impl pb::control_server::Control for ControlService {
             .scheduler
             .call(|reply| Command::Progress { reply })
             .await?;
+        let catalog = self.scheduler.catalog();
         let next_page_token = if rows.len() == limit as usize {
             rows.last().map(|r| r.id.0.to_string()).unwrap_or_default()
         } else {
@@ -234,7 +267,10 @@ impl pb::control_server::Control for ControlService {
             .call(|reply| Command::Report { reply })
             .await?;
         Ok(Response::new(pb::ListTasksReply {
-            tasks: rows.iter().map(|r| task_pb(r, &progress)).collect(),
+            tasks: rows
+                .iter()
+                .map(|r| task_pb(r, &progress, &catalog, self.aging))
+                .collect(),
             next_page_token,
             total,
             waiting: report.waiting.iter().map(waiting_pb).collect(),
@@ -259,7 +295,12 @@ impl pb::control_server::Control for ControlService {
             .call(|reply| Command::Progress { reply })
             .await?;
         Ok(Response::new(pb::TaskDetail {
-            task: Some(task_pb(&row, &progress)),
+            task: Some(task_pb(
+                &row,
+                &progress,
+                &self.scheduler.catalog(),
+                self.aging,
+            )),
             attempts: attempts
                 .into_iter()
                 .map(|a| pb::Attempt {

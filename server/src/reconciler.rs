@@ -209,7 +209,7 @@ impl Reconciler {
                     source: source.name.clone(),
                     scraper: source.scraper.clone(),
                     partition: gap.partition.clone(),
-                    priority: source.priority,
+                    priority: source.priority_rules.base_for(&gap.partition, today).0,
                     reason: gap.reason,
                     keys: gap.keys.clone(),
                 }

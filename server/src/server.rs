@@ -114,6 +114,7 @@ pub async fn run(
             lease_ttl: config.server.lease_ttl,
             config_dir: config.config_dir.clone(),
             no_agent_after: config.r#loop.no_agent_after,
+            aging: config.r#loop.aging,
         },
         logs,
     )?;
@@ -184,6 +185,7 @@ pub async fn run(
         loop_handle,
         lake_name.clone(),
         reloader,
+        config.r#loop.aging,
         token.clone(),
     );
     let addr = listener.local_addr().ok();

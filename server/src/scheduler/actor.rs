@@ -1413,20 +1413,22 @@ impl State {
                 }
                 // The best ready task among the scrapers this agent may run
                 // whose limit groups admit one more start now.
-                let heads = self.queue.heads(agent.eligible.iter());
+                let heads = self
+                    .queue
+                    .heads(agent.eligible.iter(), now, self.opts.aging);
                 let mut chosen = None;
-                for (key, scraper) in heads {
-                    let groups = self.scraper_groups(&scraper);
+                for head in heads {
+                    let groups = self.scraper_groups(&head.scraper);
                     if let Some(permit) = self.limits.try_acquire(&groups, now) {
-                        chosen = Some((key, scraper, permit));
+                        chosen = Some((head, permit));
                         break;
                     }
                 }
-                let Some((key, scraper, permit)) = chosen else {
+                let Some((head, permit)) = chosen else {
                     continue;
                 };
-                self.queue.pop(&scraper);
-                self.assign(tx, fx, agent_id, key.2, permit)?;
+                self.queue.pop(&head.scraper, head.base);
+                self.assign(tx, fx, agent_id, head.key.2, permit)?;
                 assigned = true;
             }
             self.rr = self.rr.wrapping_add(1);

@@ -46,6 +46,8 @@ pub struct SchedulerOptions {
     pub config_dir: std::path::PathBuf,
     /// Ready work no connected agent may run is reported after this long.
     pub no_agent_after: Duration,
+    /// A task ready this long rises one priority level (zero: no aging).
+    pub aging: Duration,
 }
 
 /// Ready tasks of one scraper that no connected agent may run.

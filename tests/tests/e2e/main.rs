@@ -15,6 +15,7 @@ mod grpc;
 mod inventory;
 mod lake;
 mod limits;
+mod priority;
 mod reload;
 mod retries;
 mod routing;
