@@ -469,6 +469,20 @@ pub fn ids_in_state(
         .collect())
 }
 
+/// Changes a task's priority (its rules say otherwise now).
+pub fn set_task_priority(
+    tx: &Transaction<'_>,
+    id: TaskId,
+    priority: Priority,
+    now: UnixMs,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE tasks SET priority = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id.0, priority.as_i64(), now],
+    )?;
+    Ok(())
+}
+
 /// Records an upload.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_upload(

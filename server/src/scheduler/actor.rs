@@ -1093,6 +1093,38 @@ impl State {
         Ok(())
     }
 
+    /// Re-applies the sources' priority rules to every active task (rules
+    /// depend on the catalog, which a reload changes, and on today's date);
+    /// queued tasks whose priority changed are re-queued. Returns how many
+    /// changed.
+    fn reprioritize(&mut self, tx: &Transaction<'_>, now: UnixMs) -> Result<u64> {
+        let today = chrono::DateTime::from_timestamp_millis(now)
+            .map_or_else(|| chrono::Utc::now().date_naive(), |t| t.date_naive());
+        let changes: Vec<(TaskId, Priority)> = self
+            .tasks
+            .values()
+            .filter_map(|task| {
+                let source = self.catalog.source(&task.source)?;
+                let (priority, _) = source.priority_rules.base_for(&task.partition, today);
+                (priority != task.priority).then_some((task.id, priority))
+            })
+            .collect();
+        for (id, priority) in &changes {
+            let Some(task) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            if task.lease.is_none() {
+                self.queue
+                    .remove(&task.scraper, task.priority, task.ready_at, *id);
+                self.queue
+                    .insert(&task.scraper, *priority, task.ready_at, *id, now);
+            }
+            task.priority = *priority;
+            store::set_task_priority(tx, *id, *priority, now)?;
+        }
+        Ok(changes.len() as u64)
+    }
+
     /// The scrapers an agent with `labels` may run.
     fn eligible_scrapers(&mut self, labels: &BTreeMap<String, String>) -> Vec<Arc<str>> {
         let names: Vec<String> = self
@@ -1126,6 +1158,7 @@ impl State {
         if let Some(cell) = &self.cell {
             cell.set(catalog.clone());
         }
+        let reprioritized = self.reprioritize(tx, now_ms())?;
         info!(
             sources = catalog.sources.len(),
             scrapers = catalog.scrapers.len(),
@@ -1136,7 +1169,7 @@ impl State {
             tx,
             fx,
             Event::info(format!(
-                "config reloaded: {} sources, {} scrapers, {} limit groups",
+                "config reloaded: {} sources, {} scrapers, {} limit groups; {reprioritized} queued tasks changed priority",
                 catalog.sources.len(),
                 catalog.scrapers.len(),
                 catalog.limits.len()
@@ -1341,6 +1374,18 @@ impl State {
                 tx,
                 fx,
                 Event::info(format!("reconcile queued {created} tasks")).row(),
+            )?;
+        }
+        // Rules on recency move as days pass: re-apply them to what is queued.
+        let reprioritized = self.reprioritize(tx, now)?;
+        if reprioritized > 0 {
+            self.log(
+                tx,
+                fx,
+                Event::info(format!(
+                    "{reprioritized} queued tasks changed priority by their source's rules"
+                ))
+                .row(),
             )?;
         }
         Ok(created)

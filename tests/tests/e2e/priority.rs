@@ -62,3 +62,54 @@ sources:
     let human = String::from_utf8_lossy(&server.ctl(&["tasks"]).stdout).to_string();
     assert!(human.contains("rule: within 2d"), "{human}");
 }
+
+#[test]
+fn reload_reprioritizes_queued_tasks() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let listen = free_addr();
+    let config = |priority: &str| {
+        format!(
+            "{base}scrapers:
+  s:
+    command: [\"{{config_dir}}/scrapers/write_expected.sh\"]
+sources:
+  - name: items
+    scraper: s
+    priority: {priority}
+    partitions:
+      values: {{var: item, values: [\"a\", \"b\", \"c\"]}}
+    objects: [\"items/{{item}}.json\"]
+",
+            base = base_config(listen)
+        )
+    };
+    let path = dir.write_config("adce.yaml", &config("low"));
+    // No agent: the tasks stay queued.
+    let server = ServerProc::start(&path, listen);
+    let priorities = || -> Vec<String> {
+        all_tasks(&server.url(), &[])
+            .iter()
+            .map(|t| t["priority"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    wait_until(
+        "3 tasks queued",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let p = priorities();
+            if p.len() == 3 { Ok(()) } else { Err(p) }
+        },
+    );
+    assert_eq!(priorities(), ["low", "low", "low"]);
+    dir.write_config("adce.yaml", &config("high"));
+    let reloaded = server.ctl_json(&["reload"]);
+    assert!(
+        reloaded["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reloaded")),
+        "{reloaded:#}"
+    );
+    assert_eq!(priorities(), ["high", "high", "high"]);
+}
