@@ -969,7 +969,18 @@ impl State {
         let scraper_name = task.scraper.clone();
         self.leases.remove(&lease.id);
         if let Some(permit) = self.permits.remove(&lease.id) {
-            self.limits.release(&permit);
+            if matches!(
+                verdict,
+                Verdict::Failed {
+                    outcome: "spawn_failed",
+                    ..
+                }
+            ) {
+                // The program never started: its start does not count.
+                self.limits.refund(permit, now);
+            } else {
+                self.limits.release(&permit);
+            }
         }
         if exit_code == Some(EXIT_TEMPFAIL) {
             let groups = self.scraper_groups(&scraper_name);

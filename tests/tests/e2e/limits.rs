@@ -135,3 +135,47 @@ fn max_in_window_counts_half_open_windows() {
     assert_eq!(max_in_window(&[0, 2000, 4000], 1000), 1);
     assert_eq!(max_in_window(&[5, 5, 5], 1), 3);
 }
+
+#[test]
+fn a_start_that_never_happens_gives_its_token_back() {
+    let dir = TestDir::new();
+    let listen = free_addr();
+    // One start an hour; the program does not exist, so no start happens.
+    let config = format!(
+        "{base}limits:
+  hourly: {{rate: 1/h, burst: 1}}
+scrapers:
+  missing:
+    command: [\"{{config_dir}}/scrapers/does-not-exist\"]
+    retry: {{max_attempts: 1}}
+    limits: [hourly]
+sources:
+  - name: items
+    scraper: missing
+    partitions:
+      values: {{var: item, values: [\"a\", \"b\", \"c\"]}}
+    objects: [\"items/{{item}}.json\"]
+",
+        base = base_config(listen)
+    );
+    let path = dir.write_config("adce.yaml", &config);
+    let server = ServerProc::start(&path, listen);
+    let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
+    let tasks = wait_until("every task dead", Duration::from_secs(30), POLL, || {
+        let tasks = all_tasks(&server.url(), &[]);
+        let dead = tasks.iter().filter(|t| state_of(t) == "dead").count();
+        if tasks.len() == 3 && dead == 3 {
+            Ok(tasks)
+        } else {
+            Err(dead)
+        }
+    });
+    for task in &tasks {
+        assert!(
+            task["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cannot start the scraper")),
+            "{task:#}"
+        );
+    }
+}
