@@ -24,6 +24,18 @@ if [[ ! -x "$venv/bin/grpcurl" || ! -x "$venv/bin/moto_server" ]] \
 fi
 export ADCE_TEST_VENV="$venv"
 
+# tests/tests/deploy.rs checks deploy/*.service with systemd-analyze (package
+# systemd). Installed only when missing, and only as root with apt-get.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing systemd for systemd-analyze" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+    else
+        echo "test.sh: systemd-analyze is missing (install the systemd package); the deploy tests will fail" >&2
+    fi
+fi
+
 cargo build --workspace --bins
 
 # Run the tests, keeping a copy of the output to total the results: the last

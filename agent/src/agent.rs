@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adce_proto::v1::{
-    AgentMessage, Assign, Heartbeat, Hello, Outcome, ServerMessage, TaskResult, agent_message,
-    server_message,
+    AgentMessage, Assign, Draining, Heartbeat, Hello, Outcome, ServerMessage, TaskResult,
+    agent_message, server_message,
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -52,6 +52,7 @@ struct Running {
 /// Why the main loop woke up.
 enum Wake {
     Shutdown,
+    Drain,
     Joined(Option<Result<(tokio::task::Id, TaskResult), JoinError>>),
     Event(Option<TaskEvent>),
     Conn(ConnEvent),
@@ -104,8 +105,13 @@ impl Agent {
         }
     }
 
-    /// Runs until drained or `shutdown` is cancelled.
-    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+    /// Runs until drained (the server's Drain, or `drain` cancelled) or
+    /// `shutdown` is cancelled.
+    pub(crate) async fn run(
+        mut self,
+        drain: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
         tracing::info!(agent = %self.identity.agent_id, slots = self.identity.slots, "agent starting");
         loop {
             if self.drained() {
@@ -116,12 +122,26 @@ impl Agent {
             let want_write = self.conn.session().is_some() && !self.outbox.is_empty();
             let wake = tokio::select! {
                 () = shutdown.cancelled() => Wake::Shutdown,
+                () = drain.cancelled(), if !self.draining => Wake::Drain,
                 joined = self.joins.join_next_with_id(), if !self.joins.is_empty() => Wake::Joined(joined),
                 event = self.events_rx.recv() => Wake::Event(event),
                 event = self.conn.next_event(want_write) => Wake::Conn(event),
             };
             match wake {
                 Wake::Shutdown => return self.shutdown().await,
+                Wake::Drain => {
+                    tracing::info!(
+                        agent = %self.identity.agent_id,
+                        running = self.running.len(),
+                        "draining: finishing running tasks, taking no new ones"
+                    );
+                    self.draining = true;
+                    self.outbox.push(AgentMessage {
+                        kind: Some(agent_message::Kind::Draining(Draining {
+                            reason: "agent is stopping".into(),
+                        })),
+                    });
+                }
                 Wake::Joined(Some(joined)) => self.task_joined(joined),
                 Wake::Joined(None) | Wake::Event(None) => {}
                 Wake::Event(Some(event)) => self.outbox.push(event_message(event)),

@@ -91,6 +91,18 @@ pub fn default_work_dir(agent_id: &str) -> PathBuf {
 /// are killed first). Connection failures are retried forever; only invalid
 /// options are errors.
 pub async fn run(opts: AgentOptions, shutdown: CancellationToken) -> Result<(), Error> {
+    run_draining(opts, CancellationToken::new(), shutdown).await
+}
+
+/// Like [`run`], and cancelling `drain` starts a drain: running tasks finish
+/// and report (heartbeats continue), no new ones are taken, the server is told,
+/// and `run_draining` returns once nothing is left. `shutdown` still kills
+/// running tasks at once.
+pub async fn run_draining(
+    opts: AgentOptions,
+    drain: CancellationToken,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     if opts.slots == 0 {
         return Err(Error::InvalidOptions("slots must be at least 1".into()));
     }
@@ -126,6 +138,6 @@ pub async fn run(opts: AgentOptions, shutdown: CancellationToken) -> Result<(), 
         slots: opts.slots,
     };
     agent::Agent::new(identity, endpoint, opts.reconnect, ctx, uploader)
-        .run(shutdown)
+        .run(drain, shutdown)
         .await
 }

@@ -1,6 +1,7 @@
 //! `adce-agent`: the command line over [`adce_agent::run`]. Parses flags
 //! (each with an environment variable), sets up logging to stderr and turns
-//! SIGTERM / SIGINT into a shutdown; a second signal exits at once.
+//! SIGTERM / SIGINT into a drain (finish running tasks, then exit); a second
+//! signal or SIGQUIT kills the running tasks; a third exits at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,6 +13,8 @@ use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+
+mod notify;
 
 /// Runs adce scrapers for an adce server: connects, takes assignments,
 /// uploads what the scrapers write and reports each result.
@@ -69,23 +72,33 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Cancels `shutdown` on the first SIGTERM / SIGINT; exits on the second.
-fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
+/// The first SIGTERM / SIGINT cancels `drain` (finish running tasks, take no
+/// new ones, exit); a second one, or SIGQUIT, cancels `shutdown` (kill the
+/// running tasks' process groups and exit); one more exits at once.
+fn watch_signals(drain: CancellationToken, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut quit = signal(SignalKind::quit()).context("cannot watch SIGQUIT")?;
     tokio::spawn(async move {
-        let mut received = 0_u32;
         loop {
             let name = tokio::select! {
                 _ = terminate.recv() => "SIGTERM",
                 _ = interrupt.recv() => "SIGINT",
+                _ = quit.recv() => "SIGQUIT",
             };
-            received += 1;
-            if received == 1 {
-                tracing::info!(signal = name, "stopping: killing running tasks");
+            if !drain.is_cancelled() && name != "SIGQUIT" {
+                tracing::info!(
+                    signal = name,
+                    "stopping: finishing running tasks (send again to kill them)"
+                );
+                notify::stopping();
+                drain.cancel();
+            } else if !shutdown.is_cancelled() {
+                tracing::warn!(signal = name, "stopping now: killing running tasks");
+                notify::stopping();
                 shutdown.cancel();
             } else {
-                tracing::warn!(signal = name, "second signal, exiting at once");
+                tracing::warn!(signal = name, "exiting at once");
                 std::process::exit(1);
             }
         }
@@ -104,9 +117,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         work_dir,
         reconnect: BackoffPolicy::default(),
     };
+    let drain = CancellationToken::new();
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone())?;
-    adce_agent::run(options, shutdown).await?;
+    watch_signals(drain.clone(), shutdown.clone())?;
+    // Started: tell systemd (`Type=notify`) and keep its watchdog fed while
+    // the runtime runs; the agent reconnects to the server by itself.
+    notify::ready();
+    notify::spawn_watchdog();
+    adce_agent::run_draining(options, drain, shutdown).await?;
     Ok(())
 }
 

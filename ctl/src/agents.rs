@@ -61,6 +61,30 @@ pub fn render(agents: &[pb::AgentInfo], now_ms: i64) -> String {
     output::render(&t)
 }
 
+/// Runs `drain`.
+pub async fn drain(target: &Target, agent: String, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let reply = target
+        .call(
+            "drain agent",
+            client.drain_agent(target.request(pb::DrainAgentRequest { agent_id: agent })),
+        )
+        .await?;
+    if json {
+        output::emit_json(&serde_json::json!({
+            "agent_id": reply.agent_id,
+            "running_tasks": reply.running_tasks,
+        }))?;
+    } else {
+        output::emit(&format!(
+            "agent {} is draining: it finishes {} running tasks, then exits\n",
+            reply.agent_id,
+            reply.running_tasks.len()
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

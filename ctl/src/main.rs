@@ -181,6 +181,14 @@ enum Command {
     /// running one stays.
     Reload,
 
+    /// Tell an agent to drain: it finishes its running tasks, takes no new
+    /// ones, and exits.
+    Drain {
+        /// The agent's id.
+        #[arg(value_name = "AGENT")]
+        agent: String,
+    },
+
     /// Cancel a pending or running task; a running one is killed on its agent.
     /// A cancelled task waits until it is retried.
     Cancel {
@@ -367,6 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Cancel { id, reason } => tasks::cancel(&target, id, reason, json).await,
         Command::Reload => status::reload(&target, json).await,
+        Command::Drain { agent } => agents::drain(&target, agent, json).await,
     }
 }
 

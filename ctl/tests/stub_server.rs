@@ -376,6 +376,13 @@ impl Control for Stub {
     ) -> Result<Response<pb::ReloadReply>, Status> {
         Err(Status::unimplemented("not part of the stand-in"))
     }
+
+    async fn drain_agent(
+        &self,
+        _request: Request<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentReply>, Status> {
+        Err(Status::unimplemented("not part of the stand-in"))
+    }
 }
 
 /// A running stub server; dropping it does not stop it, [`Server::stop`] does.

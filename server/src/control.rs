@@ -608,6 +608,24 @@ impl pb::control_server::Control for ControlService {
         }))
     }
 
+    async fn drain_agent(
+        &self,
+        request: Request<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentReply>, Status> {
+        let agent_id = request.into_inner().agent_id;
+        let running = self
+            .scheduler
+            .call(|reply| Command::DrainAgent {
+                agent: crate::model::AgentId(agent_id.clone()),
+                reply,
+            })
+            .await??;
+        Ok(Response::new(pb::DrainAgentReply {
+            agent_id,
+            running_tasks: running.iter().map(|t| t.0).collect(),
+        }))
+    }
+
     async fn cancel(
         &self,
         request: Request<pb::CancelRequest>,

@@ -147,6 +147,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                     Some(In::Heartbeat(hb)) => AgentEvent::Heartbeat(hb),
                     Some(In::Progress(p)) => AgentEvent::Progress(p),
                     Some(In::LogLines(lines)) => AgentEvent::LogLines(lines),
+                    Some(In::Draining(draining)) => AgentEvent::Draining(draining),
                     Some(In::Result(result)) => {
                         tokio::spawn(complete(
                             scheduler.clone(),

@@ -14,6 +14,7 @@ pub mod lake;
 pub mod limits;
 pub mod logs;
 pub mod model;
+pub mod notify;
 pub mod observed;
 pub mod priority;
 pub mod reconcile;

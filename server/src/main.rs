@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use adce_server::config::Config;
 use adce_server::dev;
+use adce_server::notify;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -153,7 +154,16 @@ async fn serve(cli: Cli, config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let result = adce_server::run(config, listener, shutdown_signal()).await;
+    // The listener is bound: tell systemd (`Type=notify`) the server is up,
+    // keep its watchdog fed while the runtime runs, and say when it stops.
+    notify::ready();
+    // The watchdog task ends with the runtime.
+    let _watchdog = notify::spawn_watchdog();
+    let shutdown = async {
+        shutdown_signal().await;
+        notify::stopping();
+    };
+    let result = adce_server::run(config, listener, shutdown).await;
     agent_stop.cancel();
     if let Some(agent) = agent {
         let _ = agent.await;

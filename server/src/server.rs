@@ -65,6 +65,40 @@ pub async fn open_lake(config: &Config) -> Result<(SharedLake, Option<InventoryS
     }
 }
 
+/// How often shutdown looks whether running tasks have finished.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until no task is leased, or `grace` has passed.
+async fn wait_for_leases(sched: &crate::scheduler::Handle, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut told = false;
+    loop {
+        let leased = match sched.call(|reply| Command::Stats { reply }).await {
+            Ok(stats) => stats.leased,
+            Err(_) => return,
+        };
+        if leased == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                leased,
+                "shutdown grace over with tasks still running; their leases are recovered at the next start"
+            );
+            return;
+        }
+        if !told {
+            info!(
+                leased,
+                ?grace,
+                "waiting for running tasks to finish before stopping"
+            );
+            told = true;
+        }
+        tokio::time::sleep(SHUTDOWN_POLL).await;
+    }
+}
+
 /// Reloads the config on every SIGHUP until `stop` is cancelled; a reload
 /// that fails is logged and changes nothing.
 async fn reload_on_sighup(reloader: Reloader, stop: CancellationToken) {
@@ -84,9 +118,11 @@ async fn reload_on_sighup(reloader: Reloader, stop: CancellationToken) {
                     return;
                 }
                 info!("SIGHUP: reloading the config");
+                crate::notify::reloading();
                 if let Err(e) = reloader.reload().await {
                     warn!(error = %e, "reload failed");
                 }
+                crate::notify::ready();
             }
         }
     }
@@ -200,6 +236,7 @@ pub async fn run(
     );
 
     // The caller's shutdown, or a failed component, starts the stop sequence.
+    let grace = config.server.shutdown_grace;
     let stopping = {
         let token = token.clone();
         let health = health.clone();
@@ -214,6 +251,9 @@ pub async fn run(
                 .await;
             loop_token.cancel();
             let _ = loop_join.await;
+            // No new work; running tasks may finish and upload for a while.
+            let _ = sched.send(Command::SetDispatch { enabled: false });
+            wait_for_leases(&sched, grace).await;
             sched.log(Event::info("server shutting down").row());
             // Committing and stopping the scheduler ends every agent stream.
             let _ = sched.call(|reply| Command::Shutdown { reply }).await;

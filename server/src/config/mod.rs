@@ -203,7 +203,15 @@ pub struct ServerConfig {
     /// The largest accepted upload, in bytes (units like `5GiB` accepted).
     #[serde(deserialize_with = "de_bytes")]
     pub max_upload_bytes: u64,
+    /// On SIGTERM, how long running tasks (their uploads included) may take to
+    /// finish before the server stops anyway; their leases are recovered at
+    /// the next start.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
 }
+
+/// The default of `server.shutdown_grace`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -213,6 +221,7 @@ impl Default for ServerConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             lease_ttl: DEFAULT_LEASE_TTL,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }

@@ -73,6 +73,8 @@ struct Agent {
     tx: AgentTx,
     running: BTreeSet<LeaseId>,
     eligible: Vec<Arc<str>>,
+    /// Finishing its tasks; gets no new ones.
+    draining: bool,
 }
 
 /// What a finished lease means for its task.
@@ -443,6 +445,37 @@ impl State {
                 self.reload(tx, fx, catalog)?;
                 fx.reply(reply, ());
             }
+            Command::DrainAgent { agent, reply } => {
+                let result = match self.agents.get_mut(&agent) {
+                    Some(a) => {
+                        a.draining = true;
+                        fx.send(
+                            &a.tx,
+                            Out::Drain(pb::Drain {
+                                reason: "drained by an operator".into(),
+                            }),
+                        );
+                        let running: Vec<TaskId> = a
+                            .running
+                            .iter()
+                            .filter_map(|l| self.leases.get(l).copied())
+                            .collect();
+                        self.log(
+                            tx,
+                            fx,
+                            Event::info(format!(
+                                "agent told to drain by an operator ({} running tasks)",
+                                running.len()
+                            ))
+                            .agent(agent.0.clone())
+                            .row(),
+                        )?;
+                        Ok(running)
+                    }
+                    None => Err(Error::NotFound(format!("agent {agent} is not connected"))),
+                };
+                fx.reply(reply, result);
+            }
             Command::Log(row) => self.log(tx, fx, row)?,
             Command::Shutdown { reply } => fx.reply(reply, ()),
         }
@@ -614,6 +647,7 @@ impl State {
             tx: agent_tx,
             running: BTreeSet::new(),
             eligible,
+            draining: false,
         };
         fx.send(
             &agent.tx,
@@ -773,6 +807,26 @@ impl State {
                         task.progress = p.fraction.clamp(0.0, 1.0);
                     }
                 }
+            }
+            AgentEvent::Draining(draining) => {
+                let running = match self.agents.get_mut(id) {
+                    Some(agent) => {
+                        agent.draining = true;
+                        agent.running.len()
+                    }
+                    None => return Ok(()),
+                };
+                info!(agent = %id, running, reason = %draining.reason, "agent draining");
+                self.log(
+                    tx,
+                    fx,
+                    Event::info(format!(
+                        "agent draining ({}): finishing {running} running tasks, taking no new ones",
+                        draining.reason
+                    ))
+                    .agent(id.0.clone())
+                    .row(),
+                )?;
             }
             AgentEvent::LogLines(lines) => {
                 let info = match self.lease_info(&LeaseId(lines.lease_id.clone()), Some(id)) {
@@ -1464,7 +1518,7 @@ impl State {
                 let Some(agent) = self.agents.get(agent_id) else {
                     continue;
                 };
-                if agent.running.len() >= agent.slots as usize {
+                if agent.draining || agent.running.len() >= agent.slots as usize {
                     continue;
                 }
                 // The best ready task among the scrapers this agent may run

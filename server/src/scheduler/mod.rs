@@ -159,6 +159,8 @@ pub enum AgentEvent {
     Progress(pb::Progress),
     /// Output lines of one lease.
     LogLines(pb::LogLines),
+    /// The agent is draining: no new tasks for it.
+    Draining(pb::Draining),
 }
 
 /// The scheduler's closed inbox.
@@ -286,6 +288,13 @@ pub enum Command {
         catalog: Arc<Catalog>,
         /// Done.
         reply: oneshot::Sender<()>,
+    },
+    /// Tells one agent to drain: finish, take nothing new, exit.
+    DrainAgent {
+        /// The agent.
+        agent: AgentId,
+        /// The tasks it runs, or why it cannot be drained.
+        reply: oneshot::Sender<Result<Vec<TaskId>>>,
     },
     /// Appends a server event to the log.
     Log(LogRow),

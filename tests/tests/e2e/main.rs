@@ -20,3 +20,4 @@ mod reload;
 mod retries;
 mod routing;
 mod s3;
+mod shutdown;
