@@ -147,11 +147,26 @@ enum Command {
     /// Run a reconcile now: phases to stderr as they happen, the summary to stdout.
     Reconcile,
 
-    /// Stop handing out new work; running tasks finish. Prints the loop state.
+    /// Stop handing out new work; running tasks finish (the same as `stop`).
+    /// Prints the loop state.
     Pause,
 
-    /// Resume handing out work. Prints the loop state.
+    /// Resume handing out work (the same as `start`). Prints the loop state.
     Resume,
+
+    /// Start (resume) the autonomous loop. Prints the loop state.
+    Start,
+
+    /// Stop the autonomous loop: no new work is handed out; running tasks
+    /// finish, or with --now are cancelled and queued again.
+    Stop {
+        /// Also cancel running tasks (they go back to the queue).
+        #[arg(long)]
+        now: bool,
+    },
+
+    /// Restart the autonomous loop: stop handing out work, reconcile, start.
+    Restart,
 
     /// Put dead, cancelled or unavailable tasks back in the queue, ready now,
     /// with their attempts reset.
@@ -365,6 +380,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reconcile => reconcile::run(&target, json).await,
         Command::Pause => status::set_paused(&target, true, json).await,
         Command::Resume => status::set_paused(&target, false, json).await,
+        Command::Start => status::control_loop(&target, status::LoopAction::Start, json).await,
+        Command::Stop { now } => {
+            status::control_loop(&target, status::LoopAction::Stop { now }, json).await
+        }
+        Command::Restart => status::control_loop(&target, status::LoopAction::Restart, json).await,
         Command::Retry { ids, state, source } => {
             let request = pb::RetryRequest {
                 task_ids: ids,

@@ -257,6 +257,9 @@ pub fn loop_json(state: &pb::LoopState) -> Value {
         "last_reconcile_unix_ms": state.last_reconcile_unix_ms,
         "next_reconcile_unix_ms": state.next_reconcile_unix_ms,
         "cycle_started_unix_ms": state.cycle_started_unix_ms,
+        "cycle_done": state.cycle_done,
+        "cycle_failed": state.cycle_failed,
+        "cycle_deadline_unix_ms": state.cycle_deadline_unix_ms,
     })
 }
 
@@ -367,6 +370,10 @@ pub fn status_json(reply: &pb::StatusReply) -> Value {
         "ready": reply.ready,
         "agents": reply.agents.iter().map(|a| agent_json(a, false)).collect::<Vec<_>>(),
         "waiting": reply.waiting.iter().map(waiting_json).collect::<Vec<_>>(),
+        "backlog_by_source": reply
+            .backlog_by_source
+            .iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 

@@ -84,7 +84,69 @@ pub fn render_loop(state: &pb::LoopState, now_ms: i64) -> String {
         "next reconcile".to_owned(),
         output::local_with_relative(state.next_reconcile_unix_ms, now_ms),
     ]);
+    if state.in_cycle {
+        let left = (state.cycle_deadline_unix_ms - now_ms).max(0);
+        t.add_row(vec![
+            "this cycle".to_owned(),
+            format!(
+                "{} done, {} failed, {} left of max_cycle_runtime",
+                state.cycle_done,
+                state.cycle_failed,
+                output::relative(now_ms - left, now_ms).trim_end_matches(" ago")
+            ),
+        ]);
+    }
     output::render(&t)
+}
+
+/// Runs `start`, `stop [--now]` or `restart`.
+pub async fn control_loop(
+    target: &Target,
+    action: LoopAction,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = target.control().await?;
+    let reply = match action {
+        LoopAction::Start => {
+            target
+                .call("start", client.start(target.request(pb::StartRequest {})))
+                .await?
+        }
+        LoopAction::Stop { now } => {
+            target
+                .call("stop", client.stop(target.request(pb::StopRequest { now })))
+                .await?
+        }
+        LoopAction::Restart => {
+            target
+                .call(
+                    "restart",
+                    client.restart(target.request(pb::RestartRequest {})),
+                )
+                .await?
+        }
+    };
+    let state = reply.r#loop.unwrap_or_default();
+    if json {
+        output::emit_json(&output::loop_json(&state))?;
+    } else {
+        output::emit(&render_loop(&state, output::now_unix_ms()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `start`, `stop` and `restart` ask of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopAction {
+    /// Start (resume) handing out work.
+    Start,
+    /// Stop handing out work; `now` also cancels running tasks.
+    Stop {
+        /// Cancel running tasks too.
+        now: bool,
+    },
+    /// Stop, reconcile, start.
+    Restart,
 }
 
 /// The whole human status: server and loop, coverage, tasks, agents.
@@ -156,6 +218,17 @@ pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
         output::align_right(&mut agents, &[2, 3]);
         text.push_str(&output::render(&agents));
     }
+    if !reply.backlog_by_source.is_empty() {
+        let mut backlog: Vec<_> = reply.backlog_by_source.iter().collect();
+        backlog.sort();
+        let mut t = output::table(["BACKLOG", "PENDING"]);
+        for (source, pending) in backlog {
+            t.add_row(vec![source.clone(), pending.to_string()]);
+        }
+        output::align_right(&mut t, &[1]);
+        text.push('\n');
+        text.push_str(&output::render(&t));
+    }
     if !reply.waiting.is_empty() {
         text.push_str("\nWAITING\n");
         for note in &reply.waiting {
@@ -202,6 +275,9 @@ mod tests {
                 last_reconcile_unix_ms: NOW - 180_000,
                 next_reconcile_unix_ms: NOW + 3_420_000,
                 cycle_started_unix_ms: 0,
+                cycle_done: 0,
+                cycle_failed: 0,
+                cycle_deadline_unix_ms: 0,
                 cycles: 2,
             }),
             coverage: Some(pb::CoverageSummary {
@@ -228,6 +304,7 @@ mod tests {
             ready: 7,
             lake: "local:/x".into(),
             waiting: Vec::new(),
+            backlog_by_source: Default::default(),
         }
     }
 

@@ -85,6 +85,9 @@ fn loop_state(paused: bool) -> pb::LoopState {
         last_reconcile_unix_ms: T0 - 180_000,
         next_reconcile_unix_ms: T0 + 3_420_000,
         cycle_started_unix_ms: 0,
+        cycle_done: 0,
+        cycle_failed: 0,
+        cycle_deadline_unix_ms: 0,
         cycles: 2,
     }
 }
@@ -154,6 +157,7 @@ impl Control for Stub {
             ready: 0,
             lake: "local:/x".into(),
             waiting: Vec::new(),
+            backlog_by_source: Default::default(),
         }))
     }
 
@@ -383,6 +387,27 @@ impl Control for Stub {
     ) -> Result<Response<pb::DrainAgentReply>, Status> {
         Err(Status::unimplemented("not part of the stand-in"))
     }
+
+    async fn start(
+        &self,
+        _request: Request<pb::StartRequest>,
+    ) -> Result<Response<pb::LoopReply>, Status> {
+        Err(Status::unimplemented("not part of the stand-in"))
+    }
+
+    async fn stop(
+        &self,
+        _request: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::LoopReply>, Status> {
+        Err(Status::unimplemented("not part of the stand-in"))
+    }
+
+    async fn restart(
+        &self,
+        _request: Request<pb::RestartRequest>,
+    ) -> Result<Response<pb::LoopReply>, Status> {
+        Err(Status::unimplemented("not part of the stand-in"))
+    }
 }
 
 /// A running stub server; dropping it does not stop it, [`Server::stop`] does.
@@ -505,7 +530,8 @@ fn status_json_has_exactly_the_documented_shape() {
             "loop": {"enabled": true, "paused": false, "in_cycle": false, "cycles": 2,
                      "last_reconcile_unix_ms": T0 - 180_000,
                      "next_reconcile_unix_ms": T0 + 3_420_000,
-                     "cycle_started_unix_ms": 0},
+                     "cycle_started_unix_ms": 0, "cycle_done": 0, "cycle_failed": 0,
+                     "cycle_deadline_unix_ms": 0},
             "coverage": {"expected": 500, "present": 500, "missing": 0, "too_small": 0,
                          "stale": 0, "percent": 100.0},
             "tasks": {"pending": 0, "leased": 0, "done": 400, "dead": 0,
@@ -518,7 +544,8 @@ fn status_json_has_exactly_the_documented_shape() {
             "ready": 0,
             "agents": [{"id": "a1", "hostname": "h", "slots": 2, "labels": {},
                         "running_tasks": [12], "connected": true, "version": "0.1.0"}],
-            "waiting": []
+            "waiting": [],
+            "backlog_by_source": {}
         })
     );
 

@@ -52,6 +52,12 @@ pub struct LoopStatus {
     pub cycle_started: UnixMs,
     /// Cycles completed.
     pub cycles: u64,
+    /// Tasks done in the current cycle.
+    pub cycle_done: u64,
+    /// Attempts failed in the current cycle.
+    pub cycle_failed: u64,
+    /// When the current cycle reaches `max_cycle_runtime` (0: no cycle).
+    pub cycle_deadline: UnixMs,
 }
 
 enum LoopCommand {
@@ -106,6 +112,40 @@ impl LoopHandle {
         self.status()
     }
 
+    /// Stops the loop: no new work; with `now`, running tasks are cancelled
+    /// and queued again.
+    pub async fn stop(&self, now: bool) -> Result<LoopStatus> {
+        let status = self.pause();
+        if now {
+            self.scheduler
+                .call(|reply| Command::StopRunning {
+                    reason: "the loop was stopped with --now".into(),
+                    reply,
+                })
+                .await??;
+        }
+        Ok(status)
+    }
+
+    /// Restarts the loop: stops handing out work, reconciles, starts again.
+    pub async fn restart(&self) -> Result<LoopStatus> {
+        self.pause();
+        let mut progress = self.reconcile().await?;
+        while let Some(event) = progress.recv().await {
+            match event {
+                ReconcileProgress::Done(_) => break,
+                ReconcileProgress::Failed(e) => {
+                    return Err(Error::Internal(format!(
+                        "restart: reconcile failed, the loop stays stopped: {e}"
+                    )));
+                }
+                ReconcileProgress::Phase(..) => {}
+            }
+        }
+        self.scheduler.log(Event::info("loop restarted").row());
+        Ok(self.resume())
+    }
+
     /// Resumes handing out work at the next queue check.
     pub fn resume(&self) -> LoopStatus {
         self.paused.store(false, Ordering::SeqCst);
@@ -146,6 +186,7 @@ pub fn spawn(
         coverage: coverage_tx,
         paused,
         cycle_started: None,
+        cycle_base: (0, 0),
     };
     let join = tokio::spawn(task.run(rx, shutdown));
     (handle, join)
@@ -159,6 +200,8 @@ struct Loop {
     coverage: watch::Sender<Arc<CoverageReport>>,
     paused: Arc<AtomicBool>,
     cycle_started: Option<Instant>,
+    /// Done and failed totals when the current cycle started.
+    cycle_base: (u64, u64),
 }
 
 impl Loop {
@@ -208,10 +251,17 @@ impl Loop {
             None => {
                 if stats.ready >= self.opts.dispatch_threshold.max(1) {
                     self.cycle_started = Some(Instant::now());
+                    self.cycle_base = (stats.done_total, stats.failed_total);
                     self.set_dispatch(true);
+                    let deadline = now_ms()
+                        + i64::try_from(self.opts.max_cycle_runtime.as_millis())
+                            .unwrap_or(i64::MAX);
                     self.status.send_modify(|s| {
                         s.in_cycle = true;
                         s.cycle_started = now_ms();
+                        s.cycle_done = 0;
+                        s.cycle_failed = 0;
+                        s.cycle_deadline = deadline;
                     });
                     info!(ready = stats.ready, "cycle started");
                     self.scheduler.log(
@@ -221,14 +271,25 @@ impl Loop {
                 }
             }
             Some(started) => {
+                let (done_base, failed_base) = self.cycle_base;
+                self.status.send_modify(|s| {
+                    s.cycle_done = stats.done_total.saturating_sub(done_base);
+                    s.cycle_failed = stats.failed_total.saturating_sub(failed_base);
+                });
                 let drained = stats.ready == 0 && stats.leased == 0;
                 let overtime = started.elapsed() >= self.opts.max_cycle_runtime;
+                if !drained && !overtime {
+                    // Still cycling (and not paused): dispatch stays on, also
+                    // after a resume.
+                    self.set_dispatch(true);
+                }
                 if drained || overtime {
                     self.set_dispatch(false);
                     self.cycle_started = None;
                     self.status.send_modify(|s| {
                         s.in_cycle = false;
                         s.cycle_started = 0;
+                        s.cycle_deadline = 0;
                         s.cycles += 1;
                     });
                     let message = if drained {

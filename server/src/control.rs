@@ -87,6 +87,9 @@ fn loop_pb(s: &LoopStatus) -> pb::LoopState {
         next_reconcile_unix_ms: s.next_reconcile,
         cycle_started_unix_ms: s.cycle_started,
         cycles: s.cycles,
+        cycle_done: s.cycle_done,
+        cycle_failed: s.cycle_failed,
+        cycle_deadline_unix_ms: s.cycle_deadline,
     }
 }
 
@@ -184,6 +187,7 @@ impl pb::control_server::Control for ControlService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         let counts = self.readers.with(store::task_counts).await?;
+        let backlog = self.readers.with(store::backlog_by_source).await?;
         let report = self
             .scheduler
             .call(|reply| Command::Report { reply })
@@ -222,6 +226,7 @@ impl pb::control_server::Control for ControlService {
             ready: report.stats.ready,
             lake: self.lake.clone(),
             waiting: report.waiting.iter().map(waiting_pb).collect(),
+            backlog_by_source: backlog.into_iter().collect(),
         }))
     }
 
@@ -558,6 +563,36 @@ impl pb::control_server::Control for ControlService {
         _request: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::LoopReply>, Status> {
         let status = self.loop_handle.resume();
+        Ok(Response::new(pb::LoopReply {
+            r#loop: Some(loop_pb(&status)),
+        }))
+    }
+
+    async fn start(
+        &self,
+        _request: Request<pb::StartRequest>,
+    ) -> Result<Response<pb::LoopReply>, Status> {
+        let status = self.loop_handle.resume();
+        Ok(Response::new(pb::LoopReply {
+            r#loop: Some(loop_pb(&status)),
+        }))
+    }
+
+    async fn stop(
+        &self,
+        request: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::LoopReply>, Status> {
+        let status = self.loop_handle.stop(request.into_inner().now).await?;
+        Ok(Response::new(pb::LoopReply {
+            r#loop: Some(loop_pb(&status)),
+        }))
+    }
+
+    async fn restart(
+        &self,
+        _request: Request<pb::RestartRequest>,
+    ) -> Result<Response<pb::LoopReply>, Status> {
+        let status = self.loop_handle.restart().await?;
         Ok(Response::new(pb::LoopReply {
             r#loop: Some(loop_pb(&status)),
         }))

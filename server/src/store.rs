@@ -483,6 +483,27 @@ pub fn set_task_priority(
     Ok(())
 }
 
+/// Sets a task's attempt count (an operator-cancelled attempt is not counted).
+pub fn set_task_attempts(tx: &Transaction<'_>, id: TaskId, attempts: u32) -> Result<()> {
+    tx.execute(
+        "UPDATE tasks SET attempts = ?2 WHERE id = ?1",
+        params![id.0, attempts],
+    )?;
+    Ok(())
+}
+
+/// Pending tasks per source.
+pub fn backlog_by_source(conn: &Connection) -> Result<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT source, COUNT(*) FROM tasks WHERE state = 'pending' GROUP BY source ORDER BY source",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        let count: i64 = row.get(1)?;
+        Ok((row.get::<_, String>(0)?, u64::try_from(count).unwrap_or(0)))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// Records an upload.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_upload(

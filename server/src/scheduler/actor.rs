@@ -132,6 +132,9 @@ struct State {
     unroutable: HashMap<Arc<str>, (UnixMs, bool)>,
     /// Where readers find the catalog in force.
     cell: Option<CatalogCell>,
+    /// Tasks done and attempts failed since start, for cycle numbers.
+    done_total: u64,
+    failed_total: u64,
 }
 
 /// Loads the queue from the store and starts the scheduler thread.
@@ -156,6 +159,8 @@ pub fn spawn(
         permits: HashMap::new(),
         unroutable: HashMap::new(),
         cell: None,
+        done_total: 0,
+        failed_total: 0,
     };
     let now = now_ms();
     let rows = store::load_active(&conn)?;
@@ -445,6 +450,10 @@ impl State {
                 self.reload(tx, fx, catalog)?;
                 fx.reply(reply, ());
             }
+            Command::StopRunning { reason, reply } => {
+                let stopped = self.stop_running(tx, fx, &reason)?;
+                fx.reply(reply, Ok(stopped));
+            }
             Command::DrainAgent { agent, reply } => {
                 let result = match self.agents.get_mut(&agent) {
                     Some(a) => {
@@ -488,6 +497,8 @@ impl State {
             delayed: self.queue.delayed_len() as u64,
             leased: self.leases.len() as u64,
             dispatching: self.dispatch_enabled,
+            done_total: self.done_total,
+            failed_total: self.failed_total,
         }
     }
 
@@ -1070,6 +1081,11 @@ impl State {
             },
             now,
         )?;
+        match &verdict {
+            Verdict::Done => self.done_total += 1,
+            Verdict::Failed { .. } => self.failed_total += 1,
+            Verdict::Unavailable => {}
+        }
         match verdict {
             Verdict::Done => {
                 store::set_task_state(tx, id, TaskState::Done, now, "", now)?;
@@ -1314,6 +1330,77 @@ impl State {
             retried.push(id);
         }
         Ok((retried, skipped))
+    }
+
+    /// Cancels every running task on its agent and queues it again, ready
+    /// now; the attempt is recorded as cancelled and does not count toward
+    /// `max_attempts`.
+    fn stop_running(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        reason: &str,
+    ) -> Result<u64> {
+        let now = now_ms();
+        let leased: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.lease.is_some())
+            .map(|t| t.id)
+            .collect();
+        for id in &leased {
+            let Some(task) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            let Some(lease) = task.lease.take() else {
+                continue;
+            };
+            store::end_attempt(
+                tx,
+                &AttemptEnd {
+                    task: *id,
+                    number: task.attempts,
+                    exit_code: None,
+                    outcome: "cancelled",
+                    error: reason,
+                },
+                now,
+            )?;
+            task.attempts = task.attempts.saturating_sub(1);
+            task.ready_at = now;
+            task.progress = 0.0;
+            let (scraper, priority, attempts) =
+                (task.scraper.clone(), task.priority, task.attempts);
+            self.leases.remove(&lease.id);
+            if let Some(permit) = self.permits.remove(&lease.id) {
+                self.limits.release(&permit);
+            }
+            if let Some(agent) = self.agents.get_mut(&lease.agent) {
+                agent.running.remove(&lease.id);
+                fx.send(
+                    &agent.tx,
+                    Out::Cancel(pb::Cancel {
+                        lease_id: lease.id.0.clone(),
+                        reason: reason.to_string(),
+                    }),
+                );
+            }
+            store::set_task_state(tx, *id, TaskState::Pending, now, reason, now)?;
+            store::set_task_attempts(tx, *id, attempts)?;
+            self.queue.insert(&scraper, priority, now, *id, now);
+        }
+        if !leased.is_empty() {
+            self.log(
+                tx,
+                fx,
+                Event::warn(format!(
+                    "{} running tasks cancelled and queued again: {reason}",
+                    leased.len()
+                ))
+                .row(),
+            )?;
+        }
+        Ok(leased.len() as u64)
     }
 
     /// Cancels a pending or leased task; a leased one is killed on its agent.

@@ -115,6 +115,10 @@ pub struct QueueStats {
     pub leased: u64,
     /// Whether dispatch is on.
     pub dispatching: bool,
+    /// Tasks done since the server started.
+    pub done_total: u64,
+    /// Attempts that failed since the server started.
+    pub failed_total: u64,
 }
 
 /// Queue numbers with the notes about work no agent may run.
@@ -288,6 +292,14 @@ pub enum Command {
         catalog: Arc<Catalog>,
         /// Done.
         reply: oneshot::Sender<()>,
+    },
+    /// Cancels every running task on its agent and puts it back in the
+    /// queue (the loop was stopped with `--now`).
+    StopRunning {
+        /// Why, recorded on the attempts.
+        reason: String,
+        /// How many were stopped.
+        reply: oneshot::Sender<Result<u64>>,
     },
     /// Tells one agent to drain: finish, take nothing new, exit.
     DrainAgent {
