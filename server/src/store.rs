@@ -647,6 +647,20 @@ pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
     Ok(u64::try_from(tx.last_insert_rowid()).unwrap_or(0))
 }
 
+/// Deletes log entries older than `before` and all but the newest
+/// `keep_rows`; returns how many were deleted. Sequence numbers are never
+/// reused (AUTOINCREMENT), so followers resuming after a pruned entry still
+/// get what comes next.
+pub fn prune_logs(tx: &Transaction<'_>, before: UnixMs, keep_rows: u64) -> Result<u64> {
+    let by_age = tx.execute("DELETE FROM logs WHERE at < ?1", params![before])?;
+    let keep = i64::try_from(keep_rows).unwrap_or(i64::MAX);
+    let by_size = tx.execute(
+        "DELETE FROM logs WHERE seq <= (SELECT MAX(seq) FROM logs) - ?1",
+        params![keep],
+    )?;
+    Ok((by_age + by_size) as u64)
+}
+
 /// Which log entries to read.
 #[derive(Debug, Clone, Default)]
 pub struct LogFilter {
@@ -962,5 +976,33 @@ mod tests {
             ..LogFilter::default()
         };
         assert_eq!(logs_after(&conn, &odd, 0, 100).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_rows_and_drops_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_writer(dir.path()).unwrap();
+        let tx = conn.transaction().unwrap();
+        for i in 0..100 {
+            insert_log(
+                &tx,
+                &LogRow {
+                    at: i * 10,
+                    message: format!("m{i}"),
+                    ..LogRow::default()
+                },
+            )
+            .unwrap();
+        }
+        // Older than at=200 (20 rows) go, then all but the newest 50.
+        assert_eq!(prune_logs(&tx, 200, 50).unwrap(), 50);
+        tx.commit().unwrap();
+        let left = logs_after(&conn, &LogFilter::default(), 0, 1000).unwrap();
+        assert_eq!(left.len(), 50);
+        assert_eq!(left[0].message, "m50");
+        // Sequence numbers go on after the pruned ones.
+        let tx = conn.transaction().unwrap();
+        let seq = insert_log(&tx, &LogRow::default()).unwrap();
+        assert_eq!(seq, 101);
     }
 }

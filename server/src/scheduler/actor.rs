@@ -36,6 +36,25 @@ const EXIT_TEMPFAIL: i32 = 75;
 const MAX_LINES_PER_MESSAGE: usize = 1000;
 /// Log lines longer than this are cut.
 const MAX_LINE_BYTES: usize = 8 * 1024;
+/// One task's output is kept at this many lines a second on average...
+const LINES_PER_SECOND: f64 = 200.0;
+/// ...with bursts of this many; lines beyond are dropped and counted.
+const LINE_BURST: f64 = 2000.0;
+/// How often old log entries are pruned.
+const LOG_PRUNE_EVERY_MS: i64 = 60_000;
+/// Log entries older than this are pruned.
+const LOG_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
+/// At most this many log entries are kept.
+const LOG_MAX_ROWS: u64 = 2_000_000;
+
+/// A lease's output budget: tokens refill at `LINES_PER_SECOND`.
+#[derive(Debug, Clone, Copy)]
+struct LineBudget {
+    tokens: f64,
+    at: UnixMs,
+    dropped: u64,
+    reported_at: UnixMs,
+}
 
 /// A pending or leased task.
 #[derive(Debug)]
@@ -135,6 +154,10 @@ struct State {
     /// Tasks done and attempts failed since start, for cycle numbers.
     done_total: u64,
     failed_total: u64,
+    /// Output budget per running lease.
+    line_budgets: HashMap<LeaseId, LineBudget>,
+    /// When log entries were last pruned.
+    pruned_at: UnixMs,
 }
 
 /// Loads the queue from the store and starts the scheduler thread.
@@ -161,6 +184,8 @@ pub fn spawn(
         cell: None,
         done_total: 0,
         failed_total: 0,
+        line_budgets: HashMap::new(),
+        pruned_at: 0,
     };
     let now = now_ms();
     let rows = store::load_active(&conn)?;
@@ -847,8 +872,28 @@ impl State {
                         return Ok(());
                     }
                 };
+                let lease = LeaseId(lines.lease_id.clone());
+                let budget = self.line_budgets.entry(lease).or_insert(LineBudget {
+                    tokens: LINE_BURST,
+                    at: now,
+                    dropped: 0,
+                    reported_at: now,
+                });
+                let elapsed = (now - budget.at).max(0) as f64 / 1000.0;
+                budget.tokens = (budget.tokens + elapsed * LINES_PER_SECOND).min(LINE_BURST);
+                budget.at = now;
+                let wanted = lines.lines.len().min(MAX_LINES_PER_MESSAGE);
+                let allowed = wanted.min(budget.tokens.max(0.0) as usize);
+                budget.tokens -= allowed as f64;
+                budget.dropped += (wanted - allowed) as u64;
+                let over_rate = if budget.dropped > 0 && now - budget.reported_at >= 1000 {
+                    budget.reported_at = now;
+                    std::mem::take(&mut budget.dropped)
+                } else {
+                    0
+                };
                 let dropped = lines.lines.len().saturating_sub(MAX_LINES_PER_MESSAGE);
-                for line in lines.lines.into_iter().take(MAX_LINES_PER_MESSAGE) {
+                for line in lines.lines.into_iter().take(allowed) {
                     let stream = pb::OutputStream::try_from(line.stream)
                         .unwrap_or(pb::OutputStream::Unspecified);
                     let level = if stream == pb::OutputStream::Stderr {
@@ -876,6 +921,19 @@ impl State {
                         message: text,
                     };
                     self.log(tx, fx, row)?;
+                }
+                if over_rate > 0 {
+                    self.log(
+                        tx,
+                        fx,
+                        Event::warn(format!(
+                            "{over_rate} output lines dropped (over {LINES_PER_SECOND} lines a second)"
+                        ))
+                        .task(info.task_id)
+                        .agent(id.0.clone())
+                        .source(info.source.clone())
+                        .row(),
+                    )?;
                 }
                 if dropped > 0 {
                     self.log(
@@ -1032,7 +1090,24 @@ impl State {
         };
         task.progress = 0.0;
         let scraper_name = task.scraper.clone();
+        let source_name = task.source.clone();
         self.leases.remove(&lease.id);
+        if let Some(budget) = self.line_budgets.remove(&lease.id) {
+            if budget.dropped > 0 {
+                self.log(
+                    tx,
+                    fx,
+                    Event::warn(format!(
+                        "{} output lines dropped (over {LINES_PER_SECOND} lines a second)",
+                        budget.dropped
+                    ))
+                    .task(id)
+                    .agent(lease.agent.0.clone())
+                    .source(source_name.to_string())
+                    .row(),
+                )?;
+            }
+        }
         if let Some(permit) = self.permits.remove(&lease.id) {
             if matches!(
                 verdict,
@@ -1372,6 +1447,7 @@ impl State {
             let (scraper, priority, attempts) =
                 (task.scraper.clone(), task.priority, task.attempts);
             self.leases.remove(&lease.id);
+            self.line_budgets.remove(&lease.id);
             if let Some(permit) = self.permits.remove(&lease.id) {
                 self.limits.release(&permit);
             }
@@ -1444,6 +1520,7 @@ impl State {
                 now,
             )?;
             self.leases.remove(&lease.id);
+            self.line_budgets.remove(&lease.id);
             if let Some(permit) = self.permits.remove(&lease.id) {
                 self.limits.release(&permit);
             }
@@ -1566,6 +1643,13 @@ impl State {
         let now = now_ms();
         self.queue.promote(now);
         self.track_unroutable(tx, fx, now)?;
+        if now - self.pruned_at >= LOG_PRUNE_EVERY_MS {
+            self.pruned_at = now;
+            let pruned = store::prune_logs(tx, now - LOG_MAX_AGE_MS, LOG_MAX_ROWS)?;
+            if pruned > 0 {
+                debug!(pruned, "old log entries pruned");
+            }
+        }
         let expired: Vec<(TaskId, AgentId)> = self
             .tasks
             .values()

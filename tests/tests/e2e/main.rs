@@ -15,6 +15,7 @@ mod grpc;
 mod inventory;
 mod lake;
 mod limits;
+mod logs;
 mod loopctl;
 mod priority;
 mod reload;
