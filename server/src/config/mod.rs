@@ -155,6 +155,9 @@ pub struct Config {
     /// The reconcile → dispatch → drain loop.
     #[serde(default)]
     pub r#loop: LoopConfig,
+    /// The Prometheus endpoint; absent: no metrics are served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     /// Limit groups by name (rates and concurrency shared by all agents).
     #[serde(default)]
     pub limits: BTreeMap<String, LimitGroup>,
@@ -222,6 +225,26 @@ impl Default for ServerConfig {
             lease_ttl: DEFAULT_LEASE_TTL,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// The address the metrics endpoint listens on by default.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+
+/// `metrics:` the Prometheus endpoint (`GET /metrics`, OpenMetrics text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// The HTTP listen address; must differ from `server.listen`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN,
         }
     }
 }

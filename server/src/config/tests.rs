@@ -186,8 +186,8 @@ fn unknown_field_lists_the_expected_ones() {
     assert_err_at(&src, "gcs", 0, &["unknown field `gcs`", "`local`", "`s3`"]);
     let src = BASE.replace("lake:\n", "lake:\n  s3: {bucket: b}\n");
     assert_err_at(&src, "{bucket", 0, &["either `local` or `s3`, not both"]);
-    let src = format!("{BASE}metrics: {{}}\n");
-    assert_err_at(&src, "metrics", 0, &["unknown field `metrics`"]);
+    let src = format!("{BASE}telemetry: {{}}\n");
+    assert_err_at(&src, "telemetry", 0, &["unknown field `telemetry`"]);
 }
 
 #[test]
@@ -688,6 +688,7 @@ fn example_config_parses_and_covers_every_section() {
                 .any(|r| r.current_season),
         ),
         ("loop.aging", cfg.r#loop.aging == DEFAULT_AGING),
+        ("metrics", cfg.metrics.is_some()),
     ] {
         assert!(present, "example lacks `{what}`");
     }
@@ -1299,4 +1300,51 @@ fn priority_rule_scalars_and_fields_are_checked() {
     assert_err_at(&src, "yes please", 0, &["expected a boolean"]);
     let src = dated("    priority_rules: {within: 3d, priority: high}\n");
     assert_err_at(&src, "{within", 0, &["expected a sequence"]);
+}
+
+#[test]
+fn metrics_section_is_optional_and_must_not_share_the_grpc_port() {
+    assert_eq!(parse(BASE).unwrap().metrics, None, "absent means off");
+
+    let cfg = parse(&format!("{BASE}metrics: {{}}\n")).unwrap();
+    assert_eq!(
+        cfg.metrics.map(|m| m.listen),
+        Some(DEFAULT_METRICS_LISTEN),
+        "an empty section listens on the default address"
+    );
+
+    let cfg = parse(&format!("{BASE}metrics:\n  listen: 0.0.0.0:9100\n")).unwrap();
+    assert_eq!(cfg.metrics.map(|m| m.listen.port()), Some(9100));
+    let dumped = parse(&format!("{BASE}metrics:\n  listen: 0.0.0.0:9100\n"))
+        .unwrap()
+        .dump();
+    assert!(
+        dumped.contains("metrics:\n  listen: 0.0.0.0:9100"),
+        "{dumped}"
+    );
+
+    let src = format!("{BASE}metrics:\n  listen: 127.0.0.1:7070\n");
+    assert_err_at(
+        &src,
+        "127.0.0.1:7070",
+        0,
+        &["`metrics.listen` (127.0.0.1:7070) must differ from `server.listen` (127.0.0.1:7070)"],
+    );
+    let src = BASE.replace(
+        "version: 1\n",
+        "version: 1\nserver:\n  listen: 0.0.0.0:9464\n",
+    ) + "metrics: {listen: 127.0.0.1:9464}\n";
+    assert_err_at(
+        &src,
+        "127.0.0.1:9464",
+        0,
+        &["must differ from `server.listen`"],
+    );
+    let src = format!("{BASE}metrics:\n  listen: 127.0.0.1:0\n");
+    assert!(parse(&src).is_ok(), "port 0 never clashes");
+
+    let src = format!("{BASE}metrics:\n  listen: localhost\n");
+    assert!(parse(&src).is_err(), "an address needs a port");
+    let src = format!("{BASE}metrics:\n  port: 9464\n");
+    assert!(err(&src).contains("unknown field `port`"), "{}", err(&src));
 }

@@ -67,6 +67,7 @@ pub(super) fn check(cfg: &Config, idx: &PositionIndex) -> Result<(), Issue> {
     };
     v.duplicate_keys()?;
     v.server()?;
+    v.metrics()?;
     v.lake()?;
     v.loop_section()?;
     v.limits()?;
@@ -163,6 +164,29 @@ impl Validator<'_> {
         }
         if s.state_dir.as_os_str().is_empty() {
             return Err(self.at(&p.key("state_dir"), "`state_dir` must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    fn metrics(&self) -> Result<(), Issue> {
+        let Some(m) = &self.cfg.metrics else {
+            return Ok(());
+        };
+        let grpc = self.cfg.server.listen;
+        // Port 0 picks a free port at bind time, so it never clashes.
+        let clash = m.listen.port() != 0
+            && m.listen.port() == grpc.port()
+            && (m.listen.ip() == grpc.ip()
+                || m.listen.ip().is_unspecified()
+                || grpc.ip().is_unspecified());
+        if clash {
+            return Err(self.at(
+                &self.root.key("metrics").key("listen"),
+                format!(
+                    "`metrics.listen` ({}) must differ from `server.listen` ({grpc})",
+                    m.listen
+                ),
+            ));
         }
         Ok(())
     }
