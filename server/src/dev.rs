@@ -47,6 +47,11 @@ pub fn config(data_dir: &Path, config_file: Option<&Path>) -> Result<Config, Con
         }),
         s3: None,
     };
+    // Metrics on in dev mode, on a free port (the log names it), so several
+    // dev servers can run side by side.
+    config.metrics = Some(crate::config::MetricsConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    });
     Ok(config)
 }
 

@@ -29,16 +29,23 @@ pub struct Gateway {
     lake: SharedLake,
     max_upload_bytes: u64,
     next_conn: Arc<AtomicU64>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Gateway {
     /// A gateway in front of `scheduler` writing to `lake`.
-    pub fn new(scheduler: Handle, lake: SharedLake, max_upload_bytes: u64) -> Self {
+    pub fn new(
+        scheduler: Handle,
+        lake: SharedLake,
+        max_upload_bytes: u64,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         Gateway {
             scheduler,
             lake,
             max_upload_bytes,
             next_conn: Arc::new(AtomicU64::new(1)),
+            metrics,
         }
     }
 }
@@ -185,6 +192,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadReply>, Status> {
+        let started = std::time::Instant::now();
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|c| c.kind) {
             Some(pb::upload_chunk::Kind::Header(h)) => h,
@@ -273,6 +281,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             return Err(e.into());
         }
         let meta = writer.commit().await.map_err(Error::from)?;
+        self.metrics.uploaded(meta.size, started.elapsed());
         let sha256: String = hasher
             .finalize()
             .iter()

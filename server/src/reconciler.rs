@@ -117,6 +117,7 @@ pub struct Reconciler {
     scheduler: Handle,
     inventory: Option<InventorySource>,
     parents: HashMap<String, ParentEntry>,
+    metrics: crate::metrics::Metrics,
 }
 
 /// What was observed, and how.
@@ -134,6 +135,7 @@ impl Reconciler {
         lake: SharedLake,
         scheduler: Handle,
         inventory: Option<InventorySource>,
+        metrics: crate::metrics::Metrics,
     ) -> Self {
         Reconciler {
             catalog,
@@ -141,6 +143,7 @@ impl Reconciler {
             scheduler,
             inventory,
             parents: HashMap::new(),
+            metrics,
         }
     }
 
@@ -261,6 +264,8 @@ impl Reconciler {
             duration: started.elapsed(),
             coverage: total,
         };
+        self.metrics
+            .reconciled(summary.duration, summary.gaps, summary.tasks_created);
         info!(
             expected = total.expected,
             observed = observed_objects,

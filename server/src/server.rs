@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::gateway::Gateway;
 use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
+use crate::metrics::Metrics;
 use crate::reconciler::{InventorySource, Reconciler};
 use crate::reload::Reloader;
 use crate::scheduler::{self, Command, SchedulerOptions};
@@ -142,6 +143,14 @@ pub async fn run(
     let conn = store::open_writer(&state_dir)?;
     let readers = Arc::new(Readers::new(&state_dir));
     let logs = LogBus::default();
+    let metrics = Metrics::new();
+    // Bound before anything runs, so a taken port fails the start.
+    let metrics_listener = match &config.metrics {
+        Some(m) => Some(TcpListener::bind(m.listen).await.map_err(|e| {
+            Error::Internal(format!("cannot listen for metrics on {}: {e}", m.listen))
+        })?),
+        None => None,
+    };
     let (sched, sched_thread) = scheduler::spawn(
         conn,
         catalog.clone(),
@@ -151,6 +160,7 @@ pub async fn run(
             config_dir: config.config_dir.clone(),
             no_agent_after: config.r#loop.no_agent_after,
             aging: config.r#loop.aging,
+            metrics: metrics.clone(),
         },
         logs,
     )?;
@@ -198,7 +208,13 @@ pub async fn run(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
     let loop_token = token.child_token();
-    let reconciler = Reconciler::new(catalog.clone(), lake.clone(), sched.clone(), inventory);
+    let reconciler = Reconciler::new(
+        catalog.clone(),
+        lake.clone(),
+        sched.clone(),
+        inventory,
+        metrics.clone(),
+    );
     let (loop_handle, loop_join) = autoloop::spawn(
         LoopOptions {
             enabled: config.r#loop.enabled,
@@ -214,7 +230,55 @@ pub async fn run(
 
     let reloader = Reloader::new(&config, sched.clone());
     tokio::spawn(reload_on_sighup(reloader.clone(), token.clone()));
-    let gateway = Gateway::new(sched.clone(), lake.clone(), config.server.max_upload_bytes);
+    let gateway = Gateway::new(
+        sched.clone(),
+        lake.clone(),
+        config.server.max_upload_bytes,
+        metrics.clone(),
+    );
+    if let Some(listener) = metrics_listener {
+        info!(addr = ?listener.local_addr().ok(), "metrics served at /metrics");
+        let refresh = {
+            let (metrics, sched, readers, loop_handle) = (
+                metrics.clone(),
+                sched.clone(),
+                readers.clone(),
+                loop_handle.clone(),
+            );
+            move || {
+                let (metrics, sched, readers, loop_handle) = (
+                    metrics.clone(),
+                    sched.clone(),
+                    readers.clone(),
+                    loop_handle.clone(),
+                );
+                async move {
+                    if let Ok(counts) = readers.with(store::task_counts_by_source).await {
+                        metrics.set_tasks(&counts);
+                    }
+                    let coverage: Vec<_> = loop_handle
+                        .coverage()
+                        .sources
+                        .iter()
+                        .map(|(name, _, c)| (name.clone(), *c))
+                        .collect();
+                    metrics.set_coverage(&coverage);
+                    if let Ok(agents) = sched.call(|reply| Command::Agents { reply }).await {
+                        metrics.set_agents(agents.len() as u64);
+                    }
+                    if let Ok(groups) = sched.call(|reply| Command::Limits { reply }).await {
+                        metrics.set_limit_groups(&groups);
+                    }
+                }
+            }
+        };
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            refresh,
+            token.child_token(),
+        ));
+    }
     let control = ControlService::new(
         sched.clone(),
         readers,

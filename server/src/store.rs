@@ -492,6 +492,36 @@ pub fn set_task_attempts(tx: &Transaction<'_>, id: TaskId, attempts: u32) -> Res
     Ok(())
 }
 
+/// Task counts per (state, priority, source), for metrics.
+pub fn task_counts_by_source(conn: &Connection) -> Result<Vec<(TaskState, Priority, String, u64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT state, priority, source, COUNT(*) FROM tasks GROUP BY state, priority, source",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        let state: String = row.get(0)?;
+        let count: i64 = row.get(3)?;
+        Ok((
+            state,
+            row.get::<_, i64>(1)?,
+            row.get::<_, String>(2)?,
+            count,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (state, priority, source, count) = row?;
+        if let Some(state) = TaskState::parse(&state) {
+            out.push((
+                state,
+                Priority::from_i64(priority),
+                source,
+                u64::try_from(count).unwrap_or(0),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// Pending tasks per source.
 pub fn backlog_by_source(conn: &Connection) -> Result<Vec<(String, u64)>> {
     let mut stmt = conn.prepare(

@@ -475,6 +475,10 @@ impl State {
                 self.reload(tx, fx, catalog)?;
                 fx.reply(reply, ());
             }
+            Command::Limits { reply } => {
+                let snapshot = self.limits.snapshot(now_ms());
+                fx.reply(reply, snapshot);
+            }
             Command::StopRunning { reason, reply } => {
                 let stopped = self.stop_running(tx, fx, &reason)?;
                 fx.reply(reply, Ok(stopped));
@@ -1125,6 +1129,9 @@ impl State {
         if exit_code == Some(EXIT_TEMPFAIL) {
             let groups = self.scraper_groups(&scraper_name);
             self.limits.throttled(&groups, now);
+            for group in &groups {
+                self.opts.metrics.throttled(group);
+            }
         }
         let Some(task) = self.tasks.get_mut(&id) else {
             return Ok(());
@@ -1161,6 +1168,14 @@ impl State {
             Verdict::Failed { .. } => self.failed_total += 1,
             Verdict::Unavailable => {}
         }
+        let outcome_word = match &verdict {
+            Verdict::Done => "done",
+            Verdict::Unavailable => "unavailable",
+            Verdict::Failed { outcome, .. } => outcome,
+        };
+        self.opts
+            .metrics
+            .task_finished(&source, outcome_word, exit_code);
         match verdict {
             Verdict::Done => {
                 store::set_task_state(tx, id, TaskState::Done, now, "", now)?;
@@ -1752,12 +1767,17 @@ impl State {
             self.permits.insert(lease.clone(), permit);
         }
         let source = task.source.to_string();
+        let (ready_at, priority) = (task.ready_at, task.priority);
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return Ok(());
         };
         agent.running.insert(lease.clone());
         match assign {
             Ok(assign) => {
+                let waited = Duration::from_millis(u64::try_from(now - ready_at).unwrap_or(0));
+                self.opts
+                    .metrics
+                    .dispatched(&source, priority.as_str(), waited);
                 fx.send(&agent.tx, Out::Assign(assign));
                 self.log(
                     tx,

@@ -48,6 +48,8 @@ pub struct SchedulerOptions {
     pub no_agent_after: Duration,
     /// A task ready this long rises one priority level (zero: no aging).
     pub aging: Duration,
+    /// Where dispatches, results and throttles are counted.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Ready tasks of one scraper that no connected agent may run.
@@ -300,6 +302,11 @@ pub enum Command {
         reason: String,
         /// How many were stopped.
         reply: oneshot::Sender<Result<u64>>,
+    },
+    /// The limit groups now, for metrics and status.
+    Limits {
+        /// One snapshot per group.
+        reply: oneshot::Sender<Vec<crate::limits::GroupSnapshot>>,
     },
     /// Tells one agent to drain: finish, take nothing new, exit.
     DrainAgent {

@@ -17,6 +17,7 @@ mod lake;
 mod limits;
 mod logs;
 mod loopctl;
+mod metrics;
 mod priority;
 mod reload;
 mod retries;
