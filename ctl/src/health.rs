@@ -91,7 +91,23 @@ pub async fn check(target: &Target, names: &[String], json: bool) -> anyhow::Res
     if json {
         output::emit_json(&results_json(&results))?;
     } else {
-        output::emit(&render(&results))?;
+        let mut text = render(&results);
+        if results.iter().any(|(_, check)| check.is_failure()) {
+            // Why, from the server's active alerts (best effort).
+            if let Ok(mut control) = target.control().await {
+                if let Ok(Ok(status)) = tokio::time::timeout(
+                    target.timeout,
+                    control.status(target.request(adce_proto::v1::StatusRequest {})),
+                )
+                .await
+                {
+                    for alert in &status.get_ref().alerts {
+                        text.push_str(&format!("{}: {}\n", alert.component, alert.message));
+                    }
+                }
+            }
+        }
+        output::emit(&text)?;
     }
     if results.iter().any(|(_, check)| check.is_failure()) {
         Ok(ExitCode::FAILURE)

@@ -374,6 +374,11 @@ pub fn status_json(reply: &pb::StatusReply) -> Value {
             .backlog_by_source
             .iter()
             .collect::<std::collections::BTreeMap<_, _>>(),
+        "alerts": reply.alerts.iter().map(|a| json!({
+            "component": a.component,
+            "message": a.message,
+            "since_unix_ms": a.since_unix_ms,
+        })).collect::<Vec<_>>(),
     })
 }
 

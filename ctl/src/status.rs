@@ -229,6 +229,17 @@ pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
         text.push('\n');
         text.push_str(&output::render(&t));
     }
+    if !reply.alerts.is_empty() {
+        text.push_str("\nALERTS\n");
+        for alert in &reply.alerts {
+            text.push_str(&format!(
+                "{}: {} (since {})\n",
+                alert.component,
+                alert.message,
+                output::relative(alert.since_unix_ms, now_ms)
+            ));
+        }
+    }
     if !reply.waiting.is_empty() {
         text.push_str("\nWAITING\n");
         for note in &reply.waiting {
@@ -305,6 +316,7 @@ mod tests {
             lake: "local:/x".into(),
             waiting: Vec::new(),
             backlog_by_source: Default::default(),
+            alerts: Vec::new(),
         }
     }
 

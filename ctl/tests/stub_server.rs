@@ -158,6 +158,7 @@ impl Control for Stub {
             lake: "local:/x".into(),
             waiting: Vec::new(),
             backlog_by_source: Default::default(),
+            alerts: Vec::new(),
         }))
     }
 
@@ -545,7 +546,8 @@ fn status_json_has_exactly_the_documented_shape() {
             "agents": [{"id": "a1", "hostname": "h", "slots": 2, "labels": {},
                         "running_tasks": [12], "connected": true, "version": "0.1.0"}],
             "waiting": [],
-            "backlog_by_source": {}
+            "backlog_by_source": {},
+            "alerts": []
         })
     );
 

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::autoloop::{LoopHandle, LoopStatus};
 use crate::catalog::Catalog;
 use crate::error::Error;
+use crate::health::Alerts;
 use crate::logs;
 use crate::model::{Priority, TaskId, TaskState, now_ms};
 use crate::reconcile::Coverage;
@@ -41,6 +42,7 @@ pub struct ControlService {
     lake: String,
     reloader: Reloader,
     aging: Duration,
+    alerts: Alerts,
     shutdown: CancellationToken,
 }
 
@@ -53,6 +55,7 @@ impl ControlService {
         lake: String,
         reloader: Reloader,
         aging: Duration,
+        alerts: Alerts,
         shutdown: CancellationToken,
     ) -> Self {
         ControlService {
@@ -62,6 +65,7 @@ impl ControlService {
             lake,
             reloader,
             aging,
+            alerts,
             shutdown,
         }
     }
@@ -227,6 +231,16 @@ impl pb::control_server::Control for ControlService {
             lake: self.lake.clone(),
             waiting: report.waiting.iter().map(waiting_pb).collect(),
             backlog_by_source: backlog.into_iter().collect(),
+            alerts: self
+                .alerts
+                .active()
+                .into_iter()
+                .map(|a| pb::Alert {
+                    component: a.component.into(),
+                    message: a.message,
+                    since_unix_ms: a.since,
+                })
+                .collect(),
         }))
     }
 

@@ -10,6 +10,7 @@ pub mod dev;
 pub mod error;
 pub mod extract;
 pub mod gateway;
+pub mod health;
 pub mod lake;
 pub mod limits;
 pub mod logs;

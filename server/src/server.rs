@@ -22,6 +22,7 @@ use crate::config::{Config, LakeConfig};
 use crate::control::ControlService;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
+use crate::health::Alerts;
 use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
 use crate::metrics::Metrics;
@@ -191,10 +192,8 @@ pub async fn run(
             .await;
     }
     if let Err(e) = lake.probe().await {
+        // The health checker reports it (adce.lake) from its first round on.
         warn!(error = %e, "lake is not reachable");
-        health
-            .set_service_status("adce.lake", tonic_health::ServingStatus::NotServing)
-            .await;
     }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -279,6 +278,16 @@ pub async fn run(
             token.child_token(),
         ));
     }
+    let alerts = Alerts::default();
+    tokio::spawn(crate::health::run(
+        health.clone(),
+        sched.clone(),
+        lake.clone(),
+        loop_handle.clone(),
+        config.r#loop.reconcile_interval,
+        alerts.clone(),
+        token.child_token(),
+    ));
     let control = ControlService::new(
         sched.clone(),
         readers,
@@ -286,6 +295,7 @@ pub async fn run(
         lake_name.clone(),
         reloader,
         config.r#loop.aging,
+        alerts,
         token.clone(),
     );
     let addr = listener.local_addr().ok();

@@ -12,6 +12,7 @@ mod dependent;
 mod dev;
 mod failures;
 mod grpc;
+mod health;
 mod inventory;
 mod lake;
 mod limits;
