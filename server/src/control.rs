@@ -33,42 +33,25 @@ const LOG_BATCH: u32 = 1000;
 /// Disconnected agents seen within this long are listed.
 const RECENT_AGENTS_MS: i64 = 24 * 3600 * 1000;
 
-/// The control service.
+/// The control service: cheap handles to the components it reads and steers.
 #[derive(Debug, Clone)]
 pub struct ControlService {
-    scheduler: Handle,
-    readers: Arc<Readers>,
-    loop_handle: LoopHandle,
-    lake: String,
-    reloader: Reloader,
-    aging: Duration,
-    alerts: Alerts,
-    shutdown: CancellationToken,
-}
-
-impl ControlService {
-    /// A control service over the given components.
-    pub fn new(
-        scheduler: Handle,
-        readers: Arc<Readers>,
-        loop_handle: LoopHandle,
-        lake: String,
-        reloader: Reloader,
-        aging: Duration,
-        alerts: Alerts,
-        shutdown: CancellationToken,
-    ) -> Self {
-        ControlService {
-            scheduler,
-            readers,
-            loop_handle,
-            lake,
-            reloader,
-            aging,
-            alerts,
-            shutdown,
-        }
-    }
+    /// The scheduler (queue, agents, catalog).
+    pub scheduler: Handle,
+    /// Read connections to the store.
+    pub readers: Arc<Readers>,
+    /// The autonomous loop.
+    pub loop_handle: LoopHandle,
+    /// The lake's description for status.
+    pub lake: String,
+    /// Config reloads.
+    pub reloader: Reloader,
+    /// `loop.aging`, to explain effective priorities.
+    pub aging: Duration,
+    /// The active health alerts.
+    pub alerts: Alerts,
+    /// Ends followed log streams at shutdown.
+    pub shutdown: CancellationToken,
 }
 
 fn coverage_pb(c: &Coverage) -> pb::CoverageSummary {

@@ -288,16 +288,16 @@ pub async fn run(
         alerts.clone(),
         token.child_token(),
     ));
-    let control = ControlService::new(
-        sched.clone(),
+    let control = ControlService {
+        scheduler: sched.clone(),
         readers,
         loop_handle,
-        lake_name.clone(),
+        lake: lake_name.clone(),
         reloader,
-        config.r#loop.aging,
+        aging: config.r#loop.aging,
         alerts,
-        token.clone(),
-    );
+        shutdown: token.clone(),
+    };
     let addr = listener.local_addr().ok();
     info!(?addr, lake = %lake_name, state_dir = %state_dir.display(), sources = catalog.sources.len(), "adce-server serving");
     sched.log(
