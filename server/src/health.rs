@@ -14,6 +14,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
 use crate::autoloop::LoopHandle;
+use crate::config::{AlertsConfig, FailureRateRule};
 use crate::lake::SharedLake;
 use crate::logs::Event;
 use crate::model::{UnixMs, now_ms};
@@ -62,13 +63,12 @@ pub fn reconcile_overdue(
     enabled: bool,
     last_reconcile: UnixMs,
     started: UnixMs,
-    interval: Duration,
+    allowed: Duration,
     now: UnixMs,
 ) -> Option<String> {
     if !enabled {
         return None;
     }
-    let allowed = interval * OVERDUE_INTERVALS + OVERDUE_SLACK;
     let allowed_ms = i64::try_from(allowed.as_millis()).unwrap_or(i64::MAX);
     let since = if last_reconcile > 0 {
         last_reconcile
@@ -89,16 +89,95 @@ pub fn reconcile_overdue(
     })
 }
 
+/// Why the failure rate is too high, if it is: `samples` are (time, done,
+/// failed) totals, oldest first, covering the rule's window.
+pub fn failure_rate_too_high(
+    samples: &std::collections::VecDeque<(UnixMs, u64, u64)>,
+    rule: &FailureRateRule,
+) -> Option<String> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    let done = last.1.saturating_sub(first.1);
+    let failed = last.2.saturating_sub(first.2);
+    let finished = done + failed;
+    if finished < rule.min_attempts.max(1) {
+        return None;
+    }
+    let ratio = failed as f64 / finished as f64;
+    (ratio > rule.ratio).then(|| {
+        format!(
+            "{failed} of {finished} attempts failed in the last {} ({:.0}%, above {:.0}%)",
+            humantime::format_duration(rule.window),
+            ratio * 100.0,
+            rule.ratio * 100.0
+        )
+    })
+}
+
+/// What the checker needs besides the components it asks.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// `loop.reconcile_interval`.
+    pub reconcile_interval: Duration,
+    /// The alert rules and webhook.
+    pub rules: AlertsConfig,
+}
+
+/// How long one webhook call may take.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Posts `text` as Slack-compatible JSON to an http:// `url`; failures are
+/// logged, never fatal.
+async fn post_webhook(url: &str, text: &str) {
+    if let Err(e) = try_post(url, text).await {
+        warn!(url, error = %e, "webhook failed");
+    }
+}
+
+async fn try_post(url: &str, text: &str) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other("only http:// webhooks are supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let body = serde_json::json!({ "text": text }).to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = [0u8; 12];
+        let n = stream.read(&mut head).await?;
+        let status_line = String::from_utf8_lossy(&head[..n]).to_string();
+        if status_line.starts_with("HTTP/1.1 2") || status_line.starts_with("HTTP/1.0 2") {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("answered {status_line:?}")))
+        }
+    };
+    tokio::time::timeout(WEBHOOK_TIMEOUT, exchange)
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))?
+}
+
 /// Runs the checks until `stop`; sets health statuses and `alerts`.
 pub async fn run(
     reporter: HealthReporter,
     scheduler: Handle,
     lake: SharedLake,
     loop_handle: LoopHandle,
-    reconcile_interval: Duration,
+    options: CheckOptions,
     alerts: Alerts,
     stop: CancellationToken,
 ) {
+    let reconcile_interval = options.reconcile_interval;
+    let rules = options.rules;
+    let mut samples: std::collections::VecDeque<(UnixMs, u64, u64)> =
+        std::collections::VecDeque::new();
     let started = now_ms();
     let mut ticker = tokio::time::interval(CHECK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,6 +191,28 @@ pub async fn run(
         let mut findings = Findings::new();
         match scheduler.call(|reply| Command::Report { reply }).await {
             Ok(report) => {
+                samples.push_back((now, report.stats.done_total, report.stats.failed_total));
+                let window =
+                    i64::try_from(rules.failure_rate.window.as_millis()).unwrap_or(i64::MAX);
+                while samples.front().is_some_and(|(t, _, _)| now - t > window) {
+                    samples.pop_front();
+                }
+                if let Some(problem) = failure_rate_too_high(&samples, &rules.failure_rate) {
+                    findings.insert("adce.dispatcher", problem);
+                }
+                let oldest_limit =
+                    i64::try_from(rules.oldest_ready.as_millis()).unwrap_or(i64::MAX);
+                if let Some(oldest) = report.oldest_ready.filter(|t| now - t > oldest_limit) {
+                    findings.insert(
+                        "adce.dispatcher",
+                        format!(
+                            "the oldest ready task has waited {}",
+                            humantime::format_duration(Duration::from_secs(
+                                u64::try_from((now - oldest) / 1000).unwrap_or(0)
+                            ))
+                        ),
+                    );
+                }
                 if let Some(note) = report.waiting.first() {
                     findings.insert(
                         "adce.dispatcher",
@@ -134,7 +235,9 @@ pub async fn run(
             status.enabled,
             status.last_reconcile,
             started,
-            reconcile_interval,
+            rules
+                .reconcile_overdue
+                .unwrap_or(reconcile_interval * OVERDUE_INTERVALS + OVERDUE_SLACK),
             now,
         ) {
             findings.insert("adce.reconciler", problem);
@@ -144,6 +247,9 @@ pub async fn run(
                 (Some(problem), None) => {
                     warn!(component, problem = %problem, "alert raised");
                     scheduler.log(Event::error(format!("alert: {component}: {problem}")).row());
+                    if let Some(url) = &rules.webhook {
+                        post_webhook(url, &format!("adce alert: {component}: {problem}")).await;
+                    }
                     reporter
                         .set_service_status(component, ServingStatus::NotServing)
                         .await;
@@ -165,6 +271,10 @@ pub async fn run(
                     info!(component, "alert resolved");
                     scheduler
                         .log(Event::info(format!("resolved: {component} is healthy again")).row());
+                    if let Some(url) = &rules.webhook {
+                        post_webhook(url, &format!("adce resolved: {component} is healthy again"))
+                            .await;
+                    }
                     reporter
                         .set_service_status(component, ServingStatus::Serving)
                         .await;
@@ -183,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_reconcile_is_overdue_after_two_intervals_and_a_minute() {
-        let hour = Duration::from_secs(3600);
+        let hour = Duration::from_secs(3600) * OVERDUE_INTERVALS + OVERDUE_SLACK;
         let h = 3_600_000;
         assert_eq!(reconcile_overdue(true, 10 * h, 0, hour, 12 * h), None);
         let late = reconcile_overdue(true, 10 * h, 0, hour, 12 * h + 61_000);
@@ -191,5 +301,28 @@ mod tests {
         assert!(reconcile_overdue(true, 0, 0, hour, 2 * h + 61_000).is_some());
         assert_eq!(reconcile_overdue(true, 0, 0, hour, h), None);
         assert_eq!(reconcile_overdue(false, 0, 0, hour, 100 * h), None);
+    }
+
+    #[test]
+    fn failure_rate_counts_the_window_and_needs_enough_attempts() {
+        let rule = FailureRateRule {
+            ratio: 0.5,
+            window: Duration::from_secs(60),
+            min_attempts: 10,
+        };
+        let samples = |v: &[(i64, u64, u64)]| v.iter().copied().collect();
+        // 6 of 10 failed: too high.
+        let high = failure_rate_too_high(&samples(&[(0, 100, 50), (50, 104, 56)]), &rule);
+        assert!(high.is_some_and(|m| m.starts_with("6 of 10")));
+        // 5 of 10: not above the ratio.
+        assert_eq!(
+            failure_rate_too_high(&samples(&[(0, 0, 0), (50, 5, 5)]), &rule),
+            None
+        );
+        // Too few attempts to judge.
+        assert_eq!(
+            failure_rate_too_high(&samples(&[(0, 0, 0), (50, 1, 8)]), &rule),
+            None
+        );
     }
 }

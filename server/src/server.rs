@@ -284,7 +284,10 @@ pub async fn run(
         sched.clone(),
         lake.clone(),
         loop_handle.clone(),
-        config.r#loop.reconcile_interval,
+        crate::health::CheckOptions {
+            reconcile_interval: config.r#loop.reconcile_interval,
+            rules: config.alerts.clone(),
+        },
         alerts.clone(),
         token.child_token(),
     ));

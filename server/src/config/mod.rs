@@ -158,6 +158,9 @@ pub struct Config {
     /// The Prometheus endpoint; absent: no metrics are served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// Alert rules and where alerts are sent.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// Limit groups by name (rates and concurrency shared by all agents).
     #[serde(default)]
     pub limits: BTreeMap<String, LimitGroup>,
@@ -211,6 +214,60 @@ pub struct ServerConfig {
     /// the next start.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+}
+
+/// `alerts:` thresholds of the health checker's rules, and an optional webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// A reconcile is overdue after this long without one (default: two
+    /// reconcile intervals and a minute).
+    #[serde(with = "duration::option", skip_serializing_if = "Option::is_none")]
+    pub reconcile_overdue: Option<Duration>,
+    /// Alert when a task has been ready this long without being dispatched.
+    #[serde(with = "duration")]
+    pub oldest_ready: Duration,
+    /// Alert when failed attempts make up more than this share of finished
+    /// ones in a window.
+    pub failure_rate: FailureRateRule,
+    /// POST a Slack-compatible `{"text": ...}` here when an alert is raised
+    /// and when it is resolved (http:// only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            reconcile_overdue: None,
+            oldest_ready: Duration::from_secs(24 * 3600),
+            failure_rate: FailureRateRule::default(),
+            webhook: None,
+        }
+    }
+}
+
+/// `alerts.failure_rate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailureRateRule {
+    /// The share of failed attempts (0 to 1) above which to alert.
+    pub ratio: f64,
+    /// Over this window.
+    #[serde(with = "duration")]
+    pub window: Duration,
+    /// Only when at least this many attempts finished in the window.
+    pub min_attempts: u64,
+}
+
+impl Default for FailureRateRule {
+    fn default() -> Self {
+        FailureRateRule {
+            ratio: 0.5,
+            window: Duration::from_secs(15 * 60),
+            min_attempts: 10,
+        }
+    }
 }
 
 /// The default of `server.shutdown_grace`.

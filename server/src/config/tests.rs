@@ -1348,3 +1348,26 @@ fn metrics_section_is_optional_and_must_not_share_the_grpc_port() {
     let src = format!("{BASE}metrics:\n  port: 9464\n");
     assert!(err(&src).contains("unknown field `port`"), "{}", err(&src));
 }
+
+#[test]
+fn alert_rules_and_webhook_are_checked_with_positions() {
+    let src = format!("{BASE}alerts:\n  webhook: \"https://hooks.example/x\"\n");
+    assert_err_at(&src, "\"https", 0, &["must be an http:// URL"]);
+    let src = format!("{BASE}alerts:\n  failure_rate: {{ratio: 1.5}}\n");
+    assert_err_at(&src, "1.5", 0, &["between 0 and 1"]);
+    let ok = format!(
+        "{BASE}alerts:\n  oldest_ready: 2h\n  reconcile_overdue: 3h\n  webhook: \"http://127.0.0.1:9/hook\"\n"
+    );
+    let cfg = Config::parse(&ok, std::path::Path::new("demo.yaml")).unwrap();
+    assert_eq!(
+        cfg.alerts.oldest_ready,
+        std::time::Duration::from_secs(7200)
+    );
+    assert_eq!(
+        cfg.alerts.reconcile_overdue,
+        Some(std::time::Duration::from_secs(3 * 3600))
+    );
+    // The dump parses back to the same config.
+    let again = Config::parse(&cfg.dump(), std::path::Path::new("demo.yaml")).unwrap();
+    assert_eq!(again.alerts, cfg.alerts);
+}

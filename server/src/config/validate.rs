@@ -70,6 +70,7 @@ pub(super) fn check(cfg: &Config, idx: &PositionIndex) -> Result<(), Issue> {
     v.metrics()?;
     v.lake()?;
     v.loop_section()?;
+    v.alerts()?;
     v.limits()?;
     for (name, scraper) in &cfg.scrapers {
         v.scraper(name, scraper)?;
@@ -164,6 +165,28 @@ impl Validator<'_> {
         }
         if s.state_dir.as_os_str().is_empty() {
             return Err(self.at(&p.key("state_dir"), "`state_dir` must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    fn alerts(&self) -> Result<(), Issue> {
+        let a = &self.cfg.alerts;
+        let p = self.root.key("alerts");
+        if !(0.0..=1.0).contains(&a.failure_rate.ratio) {
+            return Err(self.at(
+                &p.key("failure_rate").key("ratio"),
+                "`ratio` must be between 0 and 1".into(),
+            ));
+        }
+        if let Some(url) = &a.webhook {
+            if !url.starts_with("http://") {
+                return Err(self.at(
+                    &p.key("webhook"),
+                    format!(
+                        "webhook `{url}` must be an http:// URL (HTTPS webhooks are not supported yet; relay through a local proxy)"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -441,6 +441,7 @@ impl State {
                 let report = QueueReport {
                     stats: self.stats(),
                     waiting: self.waiting(now_ms()),
+                    oldest_ready: self.queue.oldest_ready(),
                 };
                 fx.reply(reply, report);
             }

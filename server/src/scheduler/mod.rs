@@ -131,6 +131,8 @@ pub struct QueueReport {
     /// Scrapers whose ready tasks have had no eligible agent for longer than
     /// `no_agent_after`.
     pub waiting: Vec<WaitingNote>,
+    /// When the longest-waiting ready task became ready.
+    pub oldest_ready: Option<UnixMs>,
 }
 
 /// A connected agent, for status.

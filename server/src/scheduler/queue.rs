@@ -141,6 +141,14 @@ impl ReadyQueue {
             .map(|(s, levels)| (s, levels.iter().map(BTreeSet::len).sum()))
     }
 
+    /// When the longest-waiting ready task became ready.
+    pub fn oldest_ready(&self) -> Option<UnixMs> {
+        self.ready
+            .values()
+            .flat_map(|levels| levels.iter().filter_map(|l| l.first().map(|(t, _)| *t)))
+            .min()
+    }
+
     /// Tasks ready now.
     pub fn ready_len(&self) -> usize {
         self.ready_len
