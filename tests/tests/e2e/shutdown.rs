@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use adce_tests::{
-    AgentProc, ServerProc, TestDir, all_tasks, base_config, free_addr, state_of, wait_until,
+    AgentProc, ServerProc, TestDir, all_tasks, base_config, free_addr, log_entries, state_of,
+    wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,6 +45,21 @@ fn wait_state(url: &str, state: &str) {
     });
 }
 
+/// Waits until the scraper of the only task is running on its agent (its
+/// first output line reached the log), not merely assigned.
+fn wait_running(url: &str) {
+    wait_until("the scraper running", TIMEOUT, POLL, || {
+        let started = log_entries(url, 500, &[])
+            .iter()
+            .any(|e| e["stream"] == "stdout");
+        if started {
+            Ok(())
+        } else {
+            Err("no output yet")
+        }
+    });
+}
+
 fn runs(dir: &TestDir) -> usize {
     std::fs::read_to_string(dir.path().join("count.txt"))
         .unwrap_or_default()
@@ -59,7 +75,7 @@ fn server_sigterm_lets_a_running_task_finish() {
     let path = dir.write_config("adce.yaml", &config(listen, "2"));
     let mut server = ServerProc::start(&path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    wait_state(&server.url(), "leased");
+    wait_running(&server.url());
 
     let status = server.terminate();
     assert!(status.success(), "server exited with {status}");
@@ -82,7 +98,7 @@ fn agent_sigterm_finishes_its_task_then_exits() {
     let path = dir.write_config("adce.yaml", &config(listen, "2"));
     let server = ServerProc::start(&path, listen);
     let mut agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    wait_state(&server.url(), "leased");
+    wait_running(&server.url());
 
     let status = agent.terminate();
     assert!(status.success(), "agent exited with {status}");
