@@ -1423,6 +1423,27 @@ impl State {
         Ok((retried, skipped))
     }
 
+    /// Ends a live lease from the server's side: forgets it, frees its limit
+    /// group slot and tells its agent to kill the process group. The caller
+    /// has taken it off its task and decides what becomes of the task.
+    fn revoke_lease(&mut self, fx: &mut Effects, lease: &Lease, reason: &str) {
+        self.leases.remove(&lease.id);
+        self.line_budgets.remove(&lease.id);
+        if let Some(permit) = self.permits.remove(&lease.id) {
+            self.limits.release(&permit);
+        }
+        if let Some(agent) = self.agents.get_mut(&lease.agent) {
+            agent.running.remove(&lease.id);
+            fx.send(
+                &agent.tx,
+                Out::Cancel(pb::Cancel {
+                    lease_id: lease.id.0.clone(),
+                    reason: reason.to_string(),
+                }),
+            );
+        }
+    }
+
     /// Cancels every running task on its agent and queues it again, ready
     /// now; the attempt is recorded as cancelled and does not count toward
     /// `max_attempts`.
@@ -1462,21 +1483,7 @@ impl State {
             task.progress = 0.0;
             let (scraper, priority, attempts) =
                 (task.scraper.clone(), task.priority, task.attempts);
-            self.leases.remove(&lease.id);
-            self.line_budgets.remove(&lease.id);
-            if let Some(permit) = self.permits.remove(&lease.id) {
-                self.limits.release(&permit);
-            }
-            if let Some(agent) = self.agents.get_mut(&lease.agent) {
-                agent.running.remove(&lease.id);
-                fx.send(
-                    &agent.tx,
-                    Out::Cancel(pb::Cancel {
-                        lease_id: lease.id.0.clone(),
-                        reason: reason.to_string(),
-                    }),
-                );
-            }
+            self.revoke_lease(fx, &lease, reason);
             store::set_task_state(tx, *id, TaskState::Pending, now, reason, now)?;
             store::set_task_attempts(tx, *id, attempts)?;
             self.queue.insert(&scraper, priority, now, *id, now);
@@ -1523,35 +1530,22 @@ impl State {
         } else {
             TaskState::Pending
         };
-        if let Some(lease) = task.lease.take() {
+        let source = task.source.to_string();
+        let (lease, attempts) = (task.lease.take(), task.attempts);
+        if let Some(lease) = lease {
             store::end_attempt(
                 tx,
                 &AttemptEnd {
                     task: id,
-                    number: task.attempts,
+                    number: attempts,
                     exit_code: None,
                     outcome: "cancelled",
                     error: &error,
                 },
                 now,
             )?;
-            self.leases.remove(&lease.id);
-            self.line_budgets.remove(&lease.id);
-            if let Some(permit) = self.permits.remove(&lease.id) {
-                self.limits.release(&permit);
-            }
-            if let Some(agent) = self.agents.get_mut(&lease.agent) {
-                agent.running.remove(&lease.id);
-                fx.send(
-                    &agent.tx,
-                    Out::Cancel(pb::Cancel {
-                        lease_id: lease.id.0.clone(),
-                        reason: error.clone(),
-                    }),
-                );
-            }
+            self.revoke_lease(fx, &lease, &error);
         }
-        let source = task.source.to_string();
         store::set_task_state(tx, id, TaskState::Cancelled, now, &error, now)?;
         self.forget(id);
         self.log(tx, fx, Event::warn(error).task(id).source(source).row())?;
