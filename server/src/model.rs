@@ -297,6 +297,14 @@ impl Partition {
         self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
+    /// The value of its first date variable, if it has one.
+    pub fn date(&self) -> Option<NaiveDate> {
+        self.vars.iter().find_map(|(_, v)| match v {
+            Value::Date(d) => Some(*d),
+            Value::Str(_) => None,
+        })
+    }
+
     /// The canonical key (`name=value,name=value`), unique per partition of a source.
     pub fn key(&self) -> String {
         let mut out = String::new();

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 
+pub use crate::config::Refresh;
 use crate::model::{GapReason, Partition, Priority, UnixMs, Value};
 pub use crate::observed::{ObservedIndex, ObservedObject};
 
@@ -31,15 +32,6 @@ pub struct PlanSource {
     /// Freshness: objects of partitions dated within `within` of today that
     /// are older than `max_age` are stale.
     pub refresh: Option<Refresh>,
-}
-
-/// A source's freshness rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refresh {
-    /// How far back from today a partition's date counts as recent.
-    pub within: Duration,
-    /// How old an object of a recent partition may be.
-    pub max_age: Duration,
 }
 
 /// One partition the catalog expects, with its rendered keys.
@@ -193,13 +185,10 @@ impl<'a> Planner<'a> {
     /// age, and which: the cut-off time, or `None`.
     fn stale_before(&self, source: &PlanSource, partition: &Partition) -> Option<UnixMs> {
         let refresh = source.refresh?;
-        let date = partition.vars.iter().find_map(|(_, v)| match v {
-            Value::Date(d) => Some(*d),
-            Value::Str(_) => None,
-        })?;
-        let within_days = i64::try_from(refresh.within.as_secs() / 86_400).unwrap_or(i64::MAX);
-        let recent = (self.today - date).num_days() <= within_days;
-        recent.then(|| self.now.saturating_sub(ms(refresh.max_age)))
+        let date = partition.date()?;
+        refresh
+            .covers(date, self.today)
+            .then(|| self.now.saturating_sub(ms(refresh.max_age)))
     }
 
     /// Compares one expected partition of `sources[source]` with the lake.

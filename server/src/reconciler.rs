@@ -23,7 +23,7 @@ use crate::logs::Event;
 use crate::model::{Partition, Priority, UnixMs, Value, now_ms};
 use crate::observed::{ObservedIndex, ObservedObject};
 use crate::reconcile::{
-    Coverage, Plan, PlanSource, Planner, QueueView, Refresh, for_each_product, nth_partition,
+    Coverage, Plan, PlanSource, Planner, QueueView, for_each_product, nth_partition,
 };
 use crate::scheduler::{Command, Handle, PlannedTask};
 
@@ -419,9 +419,7 @@ impl Reconciler {
                 continue;
             }
             for exp in partitions {
-                if date_of(&exp.partition).is_some_and(|d| d >= cutoff)
-                    && keys.len() < MAX_CONFIRMED
-                {
+                if exp.partition.date().is_some_and(|d| d >= cutoff) && keys.len() < MAX_CONFIRMED {
                     keys.extend(exp.keys.iter().cloned());
                 }
             }
@@ -557,14 +555,6 @@ impl Reconciler {
     }
 }
 
-/// The date variable of a partition, if it has one.
-fn date_of(partition: &Partition) -> Option<NaiveDate> {
-    partition.vars.iter().find_map(|(_, v)| match v {
-        Value::Date(d) => Some(*d),
-        Value::Str(_) => None,
-    })
-}
-
 /// What planning knows of each catalog source, in catalog order.
 pub fn plan_sources(catalog: &Catalog) -> Vec<PlanSource> {
     catalog
@@ -575,10 +565,7 @@ pub fn plan_sources(catalog: &Catalog) -> Vec<PlanSource> {
             scraper: s.scraper.clone(),
             priority: s.priority,
             min_bytes: s.min_bytes,
-            refresh: s.refresh.as_ref().map(|r| Refresh {
-                within: r.within,
-                max_age: r.max_age,
-            }),
+            refresh: s.refresh,
         })
         .collect()
 }
