@@ -892,6 +892,36 @@ pub fn state_of(task: &Value) -> &str {
     task["state"].as_str().unwrap_or_default()
 }
 
+/// How long [`wait_only_task`] waits.
+pub const TASK_STATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often [`wait_only_task`] looks.
+const TASK_STATE_POLL: Duration = Duration::from_millis(100);
+
+/// Waits (bounded) until the server at `url` has exactly one task and it is
+/// in `state`; returns it.
+pub fn wait_only_task(url: &str, state: &str) -> Value {
+    wait_until(
+        &format!("the task {state}"),
+        TASK_STATE_TIMEOUT,
+        TASK_STATE_POLL,
+        || {
+            let tasks = all_tasks(url, &[]);
+            match tasks.as_slice() {
+                [task] if state_of(task) == state => Ok(task.clone()),
+                _ => Err(tasks),
+            }
+        },
+    )
+}
+
+/// How many of the server's tasks are in `state`.
+pub fn count_state(url: &str, state: &str) -> usize {
+    all_tasks(url, &[])
+        .iter()
+        .filter(|t| state_of(t) == state)
+        .count()
+}
+
 /// Every regular file under `root`, as paths relative to it with `/`.
 pub fn files_under(root: &Path) -> Vec<String> {
     let mut found = Vec::new();

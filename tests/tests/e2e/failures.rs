@@ -2,18 +2,11 @@
 //! `last_error`, its attempts and the log stream; a scraper that exits 0
 //! without writing its object fails with a clear message.
 
-use std::time::Duration;
-
 use adce_tests::{
-    AgentProc, ServerProc, TestDir, all_tasks, base_config, count, free_addr, json_text, state_of,
-    status, task_id, text, wait_until,
+    AgentProc, ServerProc, TestDir, base_config, count, free_addr, json_text, status, task_id,
+    text, wait_only_task,
 };
 use serde_json::Value;
-
-/// How long a task may take to exhaust its attempts.
-const DEAD_TIMEOUT: Duration = Duration::from_secs(60);
-/// Interval between polls.
-const POLL: Duration = Duration::from_millis(200);
 
 /// A config with one source of one partition run by `script` with
 /// `max_attempts` attempts.
@@ -35,17 +28,6 @@ sources:
     )
 }
 
-/// Waits until the only task is `dead` and returns it.
-fn wait_dead(url: &str) -> Value {
-    wait_until("the task dead", DEAD_TIMEOUT, POLL, || {
-        let tasks = all_tasks(url, &[]);
-        match tasks.as_slice() {
-            [task] if state_of(task) == "dead" => Ok(task.clone()),
-            _ => Err(tasks),
-        }
-    })
-}
-
 #[test]
 fn failing_scraper_records_exit_code_and_stderr() {
     let dir = TestDir::new();
@@ -55,7 +37,7 @@ fn failing_scraper_records_exit_code_and_stderr() {
     let server = ServerProc::start(&config_path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
 
-    let task = wait_dead(&server.url());
+    let task = wait_only_task(&server.url(), "dead");
     let last_error = task["last_error"].as_str().unwrap_or_default();
     assert!(
         last_error.contains("exit code 3"),
@@ -126,7 +108,7 @@ fn scraper_that_writes_nothing_fails_clearly() {
     let server = ServerProc::start(&config_path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
 
-    let task = wait_dead(&server.url());
+    let task = wait_only_task(&server.url(), "dead");
     let last_error = task["last_error"].as_str().unwrap_or_default();
     assert!(
         last_error.contains("was not produced"),

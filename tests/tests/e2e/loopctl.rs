@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use adce_tests::{
-    AgentProc, ServerProc, TestDir, all_tasks, base_config, free_addr, log_entries, state_of,
-    wait_until,
+    AgentProc, ServerProc, TestDir, all_tasks, base_config, count_state, free_addr, log_entries,
+    state_of, wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,13 +40,6 @@ fn assigned_after(url: &str, since_ms: i64) -> usize {
                 .is_some_and(|m| m.starts_with("assigned"))
                 && e["unix_ms"].as_i64().is_some_and(|t| t > since_ms)
         })
-        .count()
-}
-
-fn count_state(url: &str, state: &str) -> usize {
-    all_tasks(url, &[])
-        .iter()
-        .filter(|t| state_of(t) == state)
         .count()
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use adce_tests::{
     AgentProc, ServerProc, TestDir, all_tasks, base_config, free_addr, log_entries, state_of,
-    task_id, wait_until,
+    task_id, wait_only_task, wait_until,
 };
 use serde_json::Value;
 
@@ -42,17 +42,6 @@ sources:
     )
 }
 
-/// Waits until the only task is in `state` and returns it.
-fn wait_state(url: &str, state: &str) -> Value {
-    wait_until(&format!("the task {state}"), TIMEOUT, POLL, || {
-        let tasks = all_tasks(url, &[]);
-        match tasks.as_slice() {
-            [task] if state_of(task) == state => Ok(task.clone()),
-            _ => Err(tasks),
-        }
-    })
-}
-
 fn attempts(server: &ServerProc, id: &str) -> Vec<Value> {
     server.ctl_json(&["task", id])["attempts"]
         .as_array()
@@ -77,7 +66,7 @@ fn flaky_scraper_is_done_after_its_third_attempt() {
     );
     let server = ServerProc::start(&path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    let task = wait_state(&server.url(), "done");
+    let task = wait_only_task(&server.url(), "done");
     let outcomes: Vec<String> = attempts(&server, &task_id(&task))
         .iter()
         .map(|a| a["outcome"].as_str().unwrap_or_default().to_string())
@@ -103,7 +92,7 @@ fn failing_scraper_dies_after_max_attempts_with_growing_backoff() {
     );
     let server = ServerProc::start(&path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    let task = wait_state(&server.url(), "dead");
+    let task = wait_only_task(&server.url(), "dead");
     let list = attempts(&server, &task_id(&task));
     assert_eq!(list.len(), 4, "{list:#?}");
     let starts: Vec<i64> = list
@@ -142,7 +131,7 @@ fn unavailable_data_waits_for_its_recheck_time() {
     );
     let server = ServerProc::start(&path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    let task = wait_state(&server.url(), "unavailable");
+    let task = wait_only_task(&server.url(), "unavailable");
     // Neither the loop nor a reconcile asked for by hand runs it again
     // before its recheck time.
     let reconciled = server.ctl(&["reconcile"]);
@@ -180,7 +169,7 @@ fn operators_retry_dead_tasks_by_source_and_state() {
     );
     let server = ServerProc::start(&path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    let task = wait_state(&server.url(), "dead");
+    let task = wait_only_task(&server.url(), "dead");
     let id = task_id(&task);
 
     // Retrying a task that is not dead/cancelled/unavailable is refused.
@@ -194,7 +183,7 @@ fn operators_retry_dead_tasks_by_source_and_state() {
         retried["retried"],
         serde_json::json!([id.parse::<i64>().unwrap_or(0)])
     );
-    let done = wait_state(&server.url(), "done");
+    let done = wait_only_task(&server.url(), "done");
     assert_eq!(done["attempts"], 1, "attempts reset by the retry: {done:#}");
     let detail = server.ctl_json(&["task", &id]);
     let logs = detail["logs"].as_array().cloned().unwrap_or_default();
@@ -226,11 +215,11 @@ fn cancel_kills_a_running_task() {
     );
     let server = ServerProc::start(&path, listen);
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    let task = wait_state(&server.url(), "leased");
+    let task = wait_only_task(&server.url(), "leased");
     let id = task_id(&task);
     let cancelled = server.ctl_json(&["cancel", &id, "--reason", "wrong day"]);
     assert_eq!(cancelled["previous_state"], "leased");
-    let task = wait_state(&server.url(), "cancelled");
+    let task = wait_only_task(&server.url(), "cancelled");
     assert!(
         task["last_error"]
             .as_str()

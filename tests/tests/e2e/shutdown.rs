@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use adce_tests::{
-    AgentProc, ServerProc, TestDir, all_tasks, base_config, free_addr, log_entries, state_of,
+    AgentProc, ServerProc, TestDir, all_tasks, base_config, free_addr, log_entries, wait_only_task,
     wait_until,
 };
 
@@ -33,16 +33,6 @@ sources:
             "  lease_ttl: 3s\n  shutdown_grace: 20s\n"
         )
     )
-}
-
-fn wait_state(url: &str, state: &str) {
-    wait_until(&format!("the task {state}"), TIMEOUT, POLL, || {
-        let tasks = all_tasks(url, &[]);
-        match tasks.as_slice() {
-            [task] if state_of(task) == state => Ok(()),
-            _ => Err(tasks),
-        }
-    });
 }
 
 /// Waits until the scraper of the only task is running on its agent (its
@@ -85,7 +75,7 @@ fn server_sigterm_lets_a_running_task_finish() {
 
     // The next start finds the task done: nothing runs again.
     let server = ServerProc::start(&path, listen);
-    wait_state(&server.url(), "done");
+    wait_only_task(&server.url(), "done");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(runs(&dir), 1);
 }
@@ -102,7 +92,7 @@ fn agent_sigterm_finishes_its_task_then_exits() {
 
     let status = agent.terminate();
     assert!(status.success(), "agent exited with {status}");
-    wait_state(&server.url(), "done");
+    wait_only_task(&server.url(), "done");
     assert!(dir.path().join("lake/feed/x1.json").is_file());
     let tasks = all_tasks(&server.url(), &[]);
     assert_eq!(tasks[0]["attempts"], 1, "{tasks:#?}");
@@ -116,11 +106,11 @@ fn adcectl_drain_finishes_the_agents_task_then_it_exits() {
     let path = dir.write_config("adce.yaml", &config(listen, "2"));
     let server = ServerProc::start(&path, listen);
     let mut agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
-    wait_state(&server.url(), "leased");
+    wait_only_task(&server.url(), "leased");
 
     let drained = server.ctl_json(&["drain", "a1"]);
     assert_eq!(drained["running_tasks"].as_array().map(Vec::len), Some(1));
-    wait_state(&server.url(), "done");
+    wait_only_task(&server.url(), "done");
     let exited = wait_until("the agent exits", TIMEOUT, POLL, || {
         agent.proc().try_exit().ok_or("still running")
     });
