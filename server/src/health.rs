@@ -1,5 +1,5 @@
 //! Component health: every few seconds the checker looks at the store (does
-//! the scheduler answer), the lake (does it answer a probe), the reconciler
+//! the scheduler answer), the lake (does it answer a probe, every 30 s), the reconciler
 //! (is a reconcile overdue) and the dispatcher (does ready work wait with no
 //! eligible agent), sets each component's gRPC health status, and keeps the
 //! active alerts: raised and resolved ones are logged, status shows them.
@@ -22,6 +22,9 @@ use crate::scheduler::{Command, Handle};
 
 /// How often components are checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the lake is probed (a request to S3 for an S3 lake); between
+/// probes its last answer stands.
+const LAKE_PROBE_EVERY_MS: i64 = 30_000;
 /// A reconcile is overdue after this many reconcile intervals without one.
 const OVERDUE_INTERVALS: u32 = 2;
 /// ...plus this much slack.
@@ -178,6 +181,7 @@ pub async fn run(
     let rules = options.rules;
     let mut samples: std::collections::VecDeque<(UnixMs, u64, u64)> =
         std::collections::VecDeque::new();
+    let (mut lake_probed_at, mut lake_problem): (UnixMs, Option<String>) = (0, None);
     let started = now_ms();
     let mut ticker = tokio::time::interval(CHECK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,8 +231,16 @@ pub async fn run(
                 findings.insert("adce.store", format!("the scheduler does not answer: {e}"));
             }
         }
-        if let Err(e) = lake.probe().await {
-            findings.insert("adce.lake", format!("lake unreachable: {e}"));
+        if now - lake_probed_at >= LAKE_PROBE_EVERY_MS {
+            lake_probed_at = now;
+            lake_problem = lake
+                .probe()
+                .await
+                .err()
+                .map(|e| format!("lake unreachable: {e}"));
+        }
+        if let Some(problem) = &lake_problem {
+            findings.insert("adce.lake", problem.clone());
         }
         let status = loop_handle.status();
         if let Some(problem) = reconcile_overdue(
