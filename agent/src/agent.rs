@@ -278,6 +278,14 @@ impl Agent {
             Some(server_message::Kind::Welcome(welcome)) => {
                 tracing::debug!(registered_as = %welcome.agent_id, "repeated welcome ignored");
             }
+            Some(server_message::Kind::Stopping(stopping)) => {
+                tracing::info!(
+                    reason = %stopping.reason,
+                    grace_ms = stopping.grace_ms,
+                    running = self.running.len(),
+                    "server is stopping: finishing running tasks, reconnecting afterwards"
+                );
+            }
             None => tracing::warn!("empty server message ignored"),
         }
     }

@@ -125,7 +125,7 @@ pub async fn run_draining(
         work_dir = %work_dir.display(),
         "agent configured"
     );
-    let uploader = upload::GrpcUploader::new(endpoint.connect_lazy());
+    let uploader = upload::GrpcUploader::new(endpoint.connect_lazy(), agent_id.clone());
     let ctx = runner::RunnerContext {
         work_dir,
         base_env: runner::RunnerContext::inherited_env(),

@@ -55,14 +55,16 @@ pub trait Uploader: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct GrpcUploader {
     client: AgentGatewayClient<Channel>,
+    agent_id: String,
 }
 
 impl GrpcUploader {
     /// An uploader over `channel` (typically a lazily connected channel that
-    /// reconnects by itself).
-    pub fn new(channel: Channel) -> Self {
+    /// reconnects by itself) for the agent `agent_id`, which holds the leases.
+    pub fn new(channel: Channel, agent_id: String) -> Self {
         Self {
             client: AgentGatewayClient::new(channel),
+            agent_id,
         }
     }
 }
@@ -86,6 +88,7 @@ impl Uploader for GrpcUploader {
                 lease_id: lease_id.to_owned(),
                 key: key.to_owned(),
                 size,
+                agent_id: self.agent_id.clone(),
             })),
         };
         chunks

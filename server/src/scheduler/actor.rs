@@ -101,6 +101,8 @@ struct Agent {
 enum Verdict {
     Done,
     Unavailable,
+    /// The agent did not start the task; the attempt does not count.
+    Refused(String),
     Failed {
         outcome: &'static str,
         error: String,
@@ -1067,6 +1069,7 @@ impl State {
                 outcome: "signaled",
                 error: with_message(format!("killed by signal {}", result.signal)),
             },
+            pb::Outcome::Refused => Verdict::Refused(with_message("refused by the agent".into())),
             pb::Outcome::Unspecified => Verdict::Failed {
                 outcome: "failed",
                 error: "the agent reported no outcome".into(),
@@ -1116,10 +1119,11 @@ impl State {
         if let Some(permit) = self.permits.remove(&lease.id) {
             if matches!(
                 verdict,
-                Verdict::Failed {
-                    outcome: "spawn_failed",
-                    ..
-                }
+                Verdict::Refused(_)
+                    | Verdict::Failed {
+                        outcome: "spawn_failed",
+                        ..
+                    }
             ) {
                 // The program never started: its start does not count.
                 self.limits.refund(permit, now);
@@ -1151,6 +1155,7 @@ impl State {
         let (outcome, error) = match &verdict {
             Verdict::Done => ("succeeded", ""),
             Verdict::Unavailable => ("unavailable", ""),
+            Verdict::Refused(error) => ("refused", error.as_str()),
             Verdict::Failed { outcome, error } => (*outcome, error.as_str()),
         };
         store::end_attempt(
@@ -1167,11 +1172,12 @@ impl State {
         match &verdict {
             Verdict::Done => self.done_total += 1,
             Verdict::Failed { .. } => self.failed_total += 1,
-            Verdict::Unavailable => {}
+            Verdict::Unavailable | Verdict::Refused(_) => {}
         }
         let outcome_word = match &verdict {
             Verdict::Done => "done",
             Verdict::Unavailable => "unavailable",
+            Verdict::Refused(_) => "refused",
             Verdict::Failed { outcome, .. } => outcome,
         };
         self.opts
@@ -1209,6 +1215,24 @@ impl State {
                         "data not available yet; checking again later".to_string(),
                     ))
                     .row(),
+                )?;
+            }
+            Verdict::Refused(error) => {
+                // Nothing ran: the attempt does not count and the task is
+                // offered again at once.
+                let attempts = attempt.saturating_sub(1);
+                store::set_task_state(tx, id, TaskState::Pending, now, &error, now)?;
+                store::set_task_attempts(tx, id, attempts)?;
+                if let Some(task) = self.tasks.get_mut(&id) {
+                    task.attempts = attempts;
+                    task.ready_at = now;
+                    let (scraper, priority) = (task.scraper.clone(), task.priority);
+                    self.queue.insert(&scraper, priority, now, id, now);
+                }
+                self.log(
+                    tx,
+                    fx,
+                    event_base(Event::info(format!("{error}; queued again"))).row(),
                 )?;
             }
             Verdict::Failed { outcome, error } => {
