@@ -1,7 +1,9 @@
 //! Wire types of adce's gRPC API, generated from `proto/adce/v1`: the
 //! `AgentGateway` service agents connect to and the `Control` service adcectl
-//! uses. Wire types only: conversions to domain types live in the crates that
-//! own those types.
+//! uses. Wire types only (conversions to domain types live in the crates that
+//! own those types), plus [`dial`]: the one way clients reach the server.
+
+pub mod dial;
 
 /// Version 1 of the adce protocol.
 pub mod v1 {
