@@ -9,6 +9,8 @@
 //! value whose `Drop` kills it by its own pid, and every wait is bounded in
 //! both count and time.
 
+pub mod pki;
+
 use std::ffi::OsString;
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
