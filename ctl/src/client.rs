@@ -5,9 +5,11 @@
 use std::future::Future;
 use std::time::Duration;
 
+use adce_proto::dial::{AuthChannel, ClientSecurity};
 use adce_proto::v1::control_client::ControlClient;
 use anyhow::anyhow;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Endpoint;
 use tonic_health::pb::health_client::HealthClient;
 
 /// The server adcectl talks to when neither `--server` nor `ADCE_SERVER` is set.
@@ -64,32 +66,37 @@ pub struct Target {
     /// The deadline of one unary call, or of the wait for the next message of
     /// a stream.
     pub timeout: Duration,
+    /// The token and TLS files.
+    pub security: ClientSecurity,
 }
 
 impl Target {
     /// Opens a channel to the server, failing with `cannot reach server at
     /// URL: ...` when nothing answers within the timeout.
-    pub async fn connect(&self) -> anyhow::Result<Channel> {
-        let endpoint = Endpoint::from_shared(self.url.clone())
-            .map_err(|e| anyhow!("invalid server address `{}`: {e}", self.url))?
+    pub async fn connect(&self) -> anyhow::Result<AuthChannel> {
+        let bearer = self.security.bearer()?;
+        let endpoint = self
+            .security
+            .endpoint(&self.url)?
             .connect_timeout(self.timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        endpoint
+        let channel = endpoint
             .connect()
             .await
-            .map_err(|e| anyhow!("cannot reach server at {}: {}", self.url, error_chain(&e)))
+            .map_err(|e| anyhow!("cannot reach server at {}: {}", self.url, error_chain(&e)))?;
+        Ok(InterceptedService::new(channel, bearer))
     }
 
     /// A `Control` client on a fresh connection.
-    pub async fn control(&self) -> anyhow::Result<ControlClient<Channel>> {
+    pub async fn control(&self) -> anyhow::Result<ControlClient<AuthChannel>> {
         Ok(ControlClient::new(self.connect().await?))
     }
 
     /// A `grpc.health.v1.Health` client on a fresh connection.
-    pub async fn health(&self) -> anyhow::Result<HealthClient<Channel>> {
+    pub async fn health(&self) -> anyhow::Result<HealthClient<AuthChannel>> {
         Ok(HealthClient::new(self.connect().await?))
     }
 
@@ -141,6 +148,17 @@ pub fn describe_status(url: &str, status: &tonic::Status) -> String {
                 message.to_owned()
             };
             format!("cannot reach server at {url}: {detail}")
+        }
+        tonic::Code::Unauthenticated => format!(
+            "the server at {url} refused the call: {} (give a token with --token, ADCE_TOKEN or --token-file)",
+            if message.is_empty() {
+                "no valid token"
+            } else {
+                message
+            }
+        ),
+        tonic::Code::PermissionDenied if !message.is_empty() => {
+            format!("permission denied: {message}")
         }
         tonic::Code::Unimplemented if message.is_empty() => {
             format!("the server at {url} does not implement this call (is it an adce server?)")

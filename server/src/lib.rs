@@ -2,6 +2,7 @@
 //! what it HAS, turns every gap into a durable prioritized task and hands the
 //! tasks to agents over gRPC. See ARCHITECTURE.md for the map.
 
+pub mod auth;
 pub mod autoloop;
 pub mod catalog;
 pub mod config;

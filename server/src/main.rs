@@ -127,6 +127,8 @@ async fn wait_signal() {
 }
 
 async fn serve(cli: Cli, config: Config) -> anyhow::Result<()> {
+    // Before binding: an exposed listener without auth is never opened.
+    adce_server::server::check_exposure(&config, config.server.listen)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -146,6 +148,11 @@ async fn serve(cli: Cli, config: Config) -> anyhow::Result<()> {
             config_lake_root(&config),
             config.server.state_dir.display()
         );
+        if !config.auth.enabled() {
+            eprintln!(
+                "  no auth (dev mode): anyone who can reach {addr} can control this server"
+            );
+        }
         Some(tokio::spawn(async move {
             if let Err(e) = adce_agent::run(opts, stop).await {
                 error!(error = %e, "in-process agent failed");

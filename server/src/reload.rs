@@ -1,8 +1,9 @@
 //! Config reload (SIGHUP and `Control.Reload`): re-reads the config file the
 //! server was started with and applies what can change while running —
 //! sources, scrapers, limit groups, priorities — through the scheduler, which
-//! keeps every queued and running task. Changes to `server`, `lake` and
-//! `loop` need a restart and are reported, not applied. A config that does not
+//! keeps every queued and running task — and the auth tokens (token files and
+//! variables are read again). Changes to `server`, `lake`, `loop` and `tls`
+//! need a restart and are reported, not applied. A config that does not
 //! load leaves the running one untouched.
 
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+use crate::auth::{AuthLayer, Policy};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -31,17 +33,19 @@ pub struct Reloader {
     path: Option<PathBuf>,
     running: Arc<Config>,
     scheduler: Handle,
+    auth: AuthLayer,
     lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Reloader {
     /// A reloader for a server started with `running` (its `source_path` is
-    /// the file re-read; none for an embedded config).
-    pub fn new(running: &Config, scheduler: Handle) -> Self {
+    /// the file re-read; none for an embedded config), whose calls pass `auth`.
+    pub fn new(running: &Config, scheduler: Handle, auth: AuthLayer) -> Self {
         Reloader {
             path: running.source_path.clone(),
             running: Arc::new(running.clone()),
             scheduler,
+            auth,
             lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -80,6 +84,9 @@ impl Reloader {
         if config.r#loop != self.running.r#loop {
             needs_restart.push("loop".to_string());
         }
+        if config.tls != self.running.tls {
+            needs_restart.push("tls".to_string());
+        }
         let catalog = Arc::new(Catalog::from_config(&config));
         let summary = format!(
             "{} sources, {} scrapers, {} limit groups",
@@ -90,6 +97,9 @@ impl Reloader {
         self.scheduler
             .call(|reply| Command::Reload { catalog, reply })
             .await?;
+        // Certificates stay as started (a restart applies them); tokens apply now.
+        self.auth
+            .replace(Policy::new(&config.auth, self.running.tls.as_ref()));
         let mut message = format!("reloaded {}: {summary}", path.display());
         if !needs_restart.is_empty() {
             message.push_str(&format!(

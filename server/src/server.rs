@@ -13,12 +13,13 @@ use adce_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{error, info, warn};
 
+use crate::auth::{AuthLayer, Policy};
 use crate::autoloop::{self, LoopOptions};
 use crate::catalog::Catalog;
-use crate::config::{Config, LakeConfig};
+use crate::config::{ClientAuth, Config, LakeConfig, TlsConfig};
 use crate::control::ControlService;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
@@ -64,6 +65,55 @@ pub async fn open_lake(config: &Config) -> Result<(SharedLake, Option<InventoryS
         _ => Err(Error::InvalidArgument(
             "the config names no usable lake backend".into(),
         )),
+    }
+}
+
+/// The server side of `tls:`: its identity, and the CA client certificates
+/// must chain to.
+fn server_tls(tls: &TlsConfig) -> Result<ServerTlsConfig> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Error::InvalidArgument(format!("tls: cannot read {what} {}: {e}", path.display()))
+        })
+    };
+    let mut server = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("certificate", &tls.cert)?,
+        read("key", &tls.key)?,
+    ));
+    if let Some(ca) = &tls.client_ca {
+        server = server
+            .client_ca_root(Certificate::from_pem(read("client CA", ca)?))
+            .client_auth_optional(tls.client_auth() != ClientAuth::All);
+    }
+    Ok(server)
+}
+
+/// Refuses to serve an exposed (non-loopback) address without tokens, unless
+/// the config says so explicitly: anyone who reaches the listener could make
+/// the agents run programs.
+pub fn check_exposure(config: &Config, addr: std::net::SocketAddr) -> Result<()> {
+    if config.auth.enabled() || addr.ip().is_loopback() || config.auth.allow_unauthenticated {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "refusing to serve on {addr} without auth: anyone who reaches it could run programs on \
+         the agents; add `auth.tokens`, listen on 127.0.0.1, or set `auth.allow_unauthenticated: true`"
+    )))
+}
+
+/// Says at start how the listener is protected.
+fn log_protection(config: &Config) {
+    let transport = if config.tls.is_some() { "tls" } else { "plaintext" };
+    if config.auth.enabled() {
+        info!(
+            tokens = config.auth.tokens.len(),
+            transport, "calls need a bearer token"
+        );
+    } else {
+        warn!(
+            transport,
+            "no auth: every client that reaches the listener may control this server"
+        );
     }
 }
 
@@ -137,6 +187,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        check_exposure(&config, addr)?;
+    }
+    log_protection(&config);
     let catalog = Arc::new(Catalog::from_config(&config));
     let (lake, inventory) = open_lake(&config).await?;
     let lake_name = lake.describe();
@@ -227,7 +281,8 @@ pub async fn run(
         loop_token.clone(),
     );
 
-    let reloader = Reloader::new(&config, sched.clone());
+    let auth = AuthLayer::new(Policy::new(&config.auth, config.tls.as_ref()));
+    let reloader = Reloader::new(&config, sched.clone(), auth.clone());
     tokio::spawn(reload_on_sighup(reloader.clone(), token.clone()));
     let gateway = Gateway::new(
         sched.clone(),
@@ -338,7 +393,14 @@ pub async fn run(
         }
     };
     let serve_token = token.clone();
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(server_tls(tls)?)
+            .map_err(|e| Error::InvalidArgument(format!("tls: {e}")))?;
+    }
+    let serve = builder
+        .layer(auth)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)

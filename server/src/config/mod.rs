@@ -14,6 +14,7 @@ mod duration;
 mod partitions;
 mod position;
 mod scalars;
+mod security;
 mod validate;
 mod yaml;
 
@@ -33,6 +34,9 @@ pub use partitions::{
 pub use position::{Position, PositionIndex, Segment, YamlPath};
 pub use scalars::{
     ByteSize, CURRENT_VERSION, MAX_VALUE_LEN, PartitionValue, Rate, RatePeriod, is_valid_value,
+};
+pub use security::{
+    AuthConfig, ClientAuth, MIN_TOKEN_LEN, REDACTED, Role, Secret, TlsConfig, TokenConfig,
 };
 
 use crate::model::Priority;
@@ -161,6 +165,12 @@ pub struct Config {
     /// Alert rules and where alerts are sent.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Bearer tokens and their roles; without tokens every call is allowed.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// TLS for the gRPC listener; absent: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Limit groups by name (rates and concurrency shared by all agents).
     #[serde(default)]
     pub limits: BTreeMap<String, LimitGroup>,
@@ -214,7 +224,60 @@ pub struct ServerConfig {
     /// the next start.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// The largest gRPC message either service accepts, in bytes (units like
+    /// `4MiB` accepted); a larger one fails its call or stream.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_message_bytes: u64,
+    /// HTTP/2 streams one client connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Agents connected at once; the next new agent is refused.
+    pub max_agents: u32,
+    /// The most slots one agent may announce.
+    pub max_slots_per_agent: u32,
+    /// How many messages an agent's Connect stream may send, per slot it
+    /// announced; an agent above it is cut off.
+    pub agent_messages: AgentMessageLimit,
 }
+
+/// `server.agent_messages`: a token bucket over the messages of one agent's
+/// Connect stream. Both numbers are per slot the agent announced, so an agent
+/// running more tasks may send more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentMessageLimit {
+    /// Messages allowed per slot, sustained, e.g. `200/s`.
+    pub rate: Rate,
+    /// Messages allowed per slot at once above the rate.
+    pub burst: u32,
+}
+
+impl Default for AgentMessageLimit {
+    fn default() -> Self {
+        AgentMessageLimit {
+            rate: DEFAULT_AGENT_MESSAGE_RATE,
+            burst: DEFAULT_AGENT_MESSAGE_BURST,
+        }
+    }
+}
+
+/// The default of `server.max_message_bytes` (4 MiB, gRPC's usual limit).
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+/// The smallest `server.max_message_bytes`: agents send uploads in chunks of
+/// 256 KiB, and a chunk must fit with room to spare.
+pub const MIN_MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
+/// The default of `server.max_concurrent_streams`.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 64;
+/// The default of `server.max_agents`.
+pub const DEFAULT_MAX_AGENTS: u32 = 1000;
+/// The default of `server.max_slots_per_agent`.
+pub const DEFAULT_MAX_SLOTS_PER_AGENT: u32 = 1024;
+/// The default of `server.agent_messages.rate` (per slot).
+pub const DEFAULT_AGENT_MESSAGE_RATE: Rate = Rate {
+    count: 200,
+    per: RatePeriod::Second,
+};
+/// The default of `server.agent_messages.burst` (per slot).
+pub const DEFAULT_AGENT_MESSAGE_BURST: u32 = 1000;
 
 /// `alerts:` thresholds of the health checker's rules, and an optional webhook.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,9 +294,14 @@ pub struct AlertsConfig {
     /// ones in a window.
     pub failure_rate: FailureRateRule,
     /// POST a Slack-compatible `{"text": ...}` here when an alert is raised
-    /// and when it is resolved (http:// only).
+    /// and when it is resolved (an http:// or https:// URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<String>,
+    /// The CA certificates (PEM) an https:// webhook's certificate must chain
+    /// to, instead of the system roots; relative paths resolve against the
+    /// config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_ca: Option<PathBuf>,
 }
 
 impl Default for AlertsConfig {
@@ -243,6 +311,7 @@ impl Default for AlertsConfig {
             oldest_ready: Duration::from_secs(24 * 3600),
             failure_rate: FailureRateRule::default(),
             webhook: None,
+            webhook_ca: None,
         }
     }
 }
@@ -282,6 +351,11 @@ impl Default for ServerConfig {
             lease_ttl: DEFAULT_LEASE_TTL,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_agents: DEFAULT_MAX_AGENTS,
+            max_slots_per_agent: DEFAULT_MAX_SLOTS_PER_AGENT,
+            agent_messages: AgentMessageLimit::default(),
         }
     }
 }
@@ -647,10 +721,18 @@ impl Config {
         let mut cfg: Config = yaml::from_str(src).map_err(|e| invalid(e.position, e.message))?;
         let index = PositionIndex::build(src);
         validate::check(&cfg, &index).map_err(|e| invalid(e.position, e.message))?;
+        let root = YamlPath::root();
+        security::check(&cfg.auth, cfg.tls.as_ref(), &index, &root)
+            .map_err(|e| invalid(e.position, e.message))?;
+        security::load_secrets(&mut cfg.auth, cfg.tls.as_mut(), dir, &index, &root, resolve)
+            .map_err(|e| invalid(e.position, e.message))?;
         cfg.config_dir = dir.to_owned();
         cfg.server.state_dir = resolve(dir, &cfg.server.state_dir);
         if let Some(local) = &mut cfg.lake.local {
             local.root = resolve(dir, &local.root);
+        }
+        if let Some(ca) = &mut cfg.alerts.webhook_ca {
+            *ca = resolve(dir, ca);
         }
         Ok(cfg)
     }

@@ -1351,8 +1351,31 @@ fn metrics_section_is_optional_and_must_not_share_the_grpc_port() {
 
 #[test]
 fn alert_rules_and_webhook_are_checked_with_positions() {
-    let src = format!("{BASE}alerts:\n  webhook: \"https://hooks.example/x\"\n");
-    assert_err_at(&src, "\"https", 0, &["must be an http:// URL"]);
+    let src = format!("{BASE}alerts:\n  webhook: \"ftp://hooks.example/SECRET\"\n");
+    assert_err_at(
+        &src,
+        "\"ftp",
+        0,
+        &["invalid webhook", "http:// or https://"],
+    );
+    assert!(!err(&src).contains("SECRET"), "the URL is not echoed");
+    let src = format!("{BASE}alerts:\n  webhook: \"https://u:p@hooks.example/x\"\n");
+    assert_err_at(&src, "\"https", 0, &["user:password@"]);
+    let src = format!("{BASE}alerts:\n  webhook: \"http://127.0.0.1:9/x\"\n  webhook_ca: ca.pem\n");
+    assert_err_at(&src, "webhook_ca", 0, &["needs an https:// `webhook`"]);
+    let src = format!("{BASE}alerts:\n  webhook_ca: ca.pem\n");
+    assert_err_at(&src, "webhook_ca", 0, &["needs an https:// `webhook`"]);
+    let tls = format!(
+        "{BASE}alerts:\n  webhook: \"https://hooks.slack.com/services/T/B/X\"\n  webhook_ca: certs/ca.pem\n"
+    );
+    let cfg = Config::parse(&tls, std::path::Path::new("/etc/adce/adce.yaml")).unwrap();
+    assert_eq!(
+        cfg.alerts.webhook_ca,
+        Some(PathBuf::from("/etc/adce/certs/ca.pem")),
+        "relative to the config file's directory"
+    );
+    let again = Config::parse(&cfg.dump(), std::path::Path::new("/etc/adce/adce.yaml")).unwrap();
+    assert_eq!(again.alerts, cfg.alerts);
     let src = format!("{BASE}alerts:\n  failure_rate: {{ratio: 1.5}}\n");
     assert_err_at(&src, "1.5", 0, &["between 0 and 1"]);
     let ok = format!(

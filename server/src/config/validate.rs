@@ -17,6 +17,7 @@ use super::{
 };
 use crate::catalog::{SPECIAL_VARS, VAR_OUT};
 use crate::extract::Column;
+use crate::health::WebhookTarget;
 use crate::template::{Arg, Template, is_ident};
 
 /// A validation failure: where and what.
@@ -166,6 +167,41 @@ impl Validator<'_> {
         if s.state_dir.as_os_str().is_empty() {
             return Err(self.at(&p.key("state_dir"), "`state_dir` must not be empty".into()));
         }
+        if s.max_message_bytes < super::MIN_MAX_MESSAGE_BYTES
+            || usize::try_from(s.max_message_bytes).is_err()
+        {
+            return Err(self.at(
+                &p.key("max_message_bytes"),
+                format!(
+                    "`max_message_bytes` must be at least 1MiB ({} bytes): agents upload in chunks of 256KiB",
+                    super::MIN_MAX_MESSAGE_BYTES
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("max_agents", s.max_agents),
+            ("max_slots_per_agent", s.max_slots_per_agent),
+        ] {
+            if value == 0 {
+                return Err(self.at(&p.key(key), format!("`{key}` must be at least 1")));
+            }
+        }
+        // Every agent holds one Connect stream and opens an upload per object:
+        // a connection needs room for both.
+        if s.max_concurrent_streams < 2 {
+            return Err(self.at(
+                &p.key("max_concurrent_streams"),
+                "`max_concurrent_streams` must be at least 2 (an agent's Connect stream and an upload)"
+                    .into(),
+            ));
+        }
+        // The rate's count is at least 1 by its own parsing.
+        if s.agent_messages.burst == 0 {
+            return Err(self.at(
+                &p.key("agent_messages").key("burst"),
+                "`burst` must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -178,13 +214,26 @@ impl Validator<'_> {
                 "`ratio` must be between 0 and 1".into(),
             ));
         }
-        if let Some(url) = &a.webhook {
-            if !url.starts_with("http://") {
+        // The same parse the health checker posts with; the URL is not echoed
+        // back, since webhook URLs carry their secret in the path.
+        let target = match &a.webhook {
+            Some(url) => Some(
+                WebhookTarget::parse(url)
+                    .map_err(|why| self.at(&p.key("webhook"), format!("invalid webhook: {why}")))?,
+            ),
+            None => None,
+        };
+        if let Some(ca) = &a.webhook_ca {
+            if ca.as_os_str().is_empty() {
                 return Err(self.at(
-                    &p.key("webhook"),
-                    format!(
-                        "webhook `{url}` must be an http:// URL (HTTPS webhooks are not supported yet; relay through a local proxy)"
-                    ),
+                    &p.key("webhook_ca"),
+                    "`webhook_ca` must not be empty".into(),
+                ));
+            }
+            if !target.as_ref().is_some_and(WebhookTarget::is_tls) {
+                return Err(self.at_key(
+                    &p.key("webhook_ca"),
+                    "`webhook_ca` needs an https:// `webhook`".into(),
                 ));
             }
         }

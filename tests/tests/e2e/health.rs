@@ -1,12 +1,20 @@
 //! Component health seen by a real gRPC health client (Python
 //! grpcio-health-checking): `adce.dispatcher` goes NOT_SERVING while ready
 //! work has no agent to run it, and back to SERVING when one connects;
-//! `adcectl health` says why and exits 1 meanwhile.
+//! `adcectl health` says why and exits 1 meanwhile. Alert webhooks, over
+//! http:// and https:// (verified against a test CA), get one alert and one
+//! resolution; one whose certificate chains to another CA gets nothing.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use adce_tests::{AgentProc, ServerProc, TestDir, base_config, free_addr, venv_tool, wait_until};
+use adce_tests::pki::TestPki;
+use adce_tests::{
+    AgentProc, ServerProc, TestDir, base_config, free_addr, free_port, read_or_empty, text,
+    venv_tool, wait_until,
+};
 
 const PY_CHECK: &str = r#"
 import sys, grpc
@@ -81,25 +89,52 @@ sources:
     assert!(server.ctl(&["health"]).status.success());
 }
 
-/// A webhook receiver: appends each POST body as one line to a file.
+/// A webhook receiver: appends each POST body as one line to a file
+/// (`argv[2]`); with a certificate and key (`argv[3]`, `argv[4]`) it speaks
+/// HTTPS only. A client that refuses the handshake raises an `ssl.SSLError`
+/// (an `OSError`) in `accept`, which `socketserver` drops: nothing is written.
 const PY_RECEIVER: &str = r#"
-import sys, http.server
+import sys, ssl, http.server
 out = open(sys.argv[2], "a")
 class Hook(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-        out.write(body.replace("\n", " ") + "\n")
+        out.write(self.path + " " + body.replace("\n", " ") + "\n")
         out.flush()
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
     def log_message(self, *args):
         pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Hook)
+if len(sys.argv) > 4:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 /// Kills the receiver by its pid when the test ends.
 struct Receiver(std::process::Child);
+
+impl Receiver {
+    /// Starts a receiver on `port` writing to `out`, over HTTPS with the
+    /// server certificate of `tls` when given.
+    fn start(port: u16, out: &Path, tls: Option<&TestPki>) -> Receiver {
+        let mut command = Command::new(venv_tool("python"));
+        command
+            .args(["-c", PY_RECEIVER, &port.to_string()])
+            .arg(out);
+        if let Some(pki) = tls {
+            command.arg(&pki.server_cert).arg(&pki.server_key);
+        }
+        Receiver(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start the webhook receiver: {e}")),
+        )
+    }
+}
 
 impl Drop for Receiver {
     fn drop(&mut self) {
@@ -108,24 +143,12 @@ impl Drop for Receiver {
     }
 }
 
-#[test]
-fn a_webhook_gets_one_alert_and_one_resolution() {
-    let dir = TestDir::new();
-    dir.install_scrapers();
-    let listen = free_addr();
-    let hook = free_addr();
-    let received = dir.path().join("hooks.txt");
-    let _receiver = Receiver(
-        Command::new(venv_tool("python"))
-            .args(["-c", PY_RECEIVER, &hook.port().to_string()])
-            .arg(&received)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the webhook receiver: {e}")),
-    );
-    let config = format!(
+/// A config with one source of one ready task and `alerts` (YAML lines
+/// under `alerts:`); with no agent the dispatcher alerts after a second.
+fn webhook_config(listen: SocketAddr, alerts: &str) -> String {
+    format!(
         "{base}alerts:
-  webhook: \"http://{hook}/hook\"
-scrapers:
+{alerts}scrapers:
   s:
     command: [\"{{config_dir}}/scrapers/write_expected.sh\"]
 sources:
@@ -139,13 +162,24 @@ sources:
             "  queue_check_interval: 200ms\n",
             "  queue_check_interval: 200ms\n  no_agent_after: 1s\n"
         )
-    );
-    let path = dir.write_config("adce.yaml", &config);
-    let server = ServerProc::start(&path, listen);
-    let hooks = || std::fs::read_to_string(&received).unwrap_or_default();
+    )
+}
+
+/// The outage (ready work, no agent) and its fix (an agent runs the work):
+/// the receiver writing to `received` gets exactly one alert and one
+/// resolution, each Slack-shaped JSON posted to `path`.
+fn one_alert_and_one_resolution(
+    dir: &TestDir,
+    listen: SocketAddr,
+    alerts: &str,
+    received: &Path,
+    path: &str,
+) {
+    let config_path = dir.write_config("adce.yaml", &webhook_config(listen, alerts));
+    let server = ServerProc::start(&config_path, listen);
+    let hooks = || std::fs::read_to_string(received).unwrap_or_default();
     let timeout = Duration::from_secs(30);
     let poll = Duration::from_millis(200);
-    // The outage: ready work, no agent.
     wait_until("the alert posted", timeout, poll, || {
         let h = hooks();
         if h.contains("adce alert: adce.dispatcher") {
@@ -154,7 +188,6 @@ sources:
             Err(h)
         }
     });
-    // The fix: an agent connects and runs the work.
     let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
     wait_until("the resolution posted", timeout, poll, || {
         let h = hooks();
@@ -164,13 +197,97 @@ sources:
             Err(h)
         }
     });
+    // Three more check intervals: nothing is posted twice.
     std::thread::sleep(Duration::from_secs(3));
     let all = hooks();
     let lines: Vec<&str> = all.lines().collect();
     assert_eq!(lines.len(), 2, "{all}");
     for line in &lines {
+        let Some(body) = line.strip_prefix(path).and_then(|l| l.strip_prefix(' ')) else {
+            panic!("not posted to {path}: {line}");
+        };
         let body: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(body["text"].is_string(), "not Slack-shaped: {line}");
     }
+}
+
+#[test]
+fn a_webhook_gets_one_alert_and_one_resolution() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let hook = free_addr();
+    let received = dir.join("hooks.txt");
+    let _receiver = Receiver::start(hook.port(), &received, None);
+    let alerts = format!("  webhook: \"http://{hook}/hook\"\n");
+    one_alert_and_one_resolution(&dir, free_addr(), &alerts, &received, "/hook");
+}
+
+#[test]
+fn an_https_webhook_gets_one_alert_and_one_resolution() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let pki = TestPki::generate(&dir.join("pki")).unwrap_or_else(|e| panic!("test PKI: {e}"));
+    let port = free_port();
+    let received = dir.join("hooks.txt");
+    let _receiver = Receiver::start(port, &received, Some(&pki));
+    // `localhost` as written: SNI and the certificate's DNS name are checked.
+    let alerts = format!(
+        "  webhook: \"https://localhost:{port}/hook\"\n  webhook_ca: \"{}\"\n",
+        pki.ca.display()
+    );
+    one_alert_and_one_resolution(&dir, free_addr(), &alerts, &received, "/hook");
+}
+
+#[test]
+fn an_https_webhook_with_a_certificate_from_another_ca_gets_nothing() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let pki = TestPki::generate(&dir.join("pki")).unwrap_or_else(|e| panic!("test PKI: {e}"));
+    let port = free_port();
+    let received = dir.join("hooks.txt");
+    let _receiver = Receiver::start(port, &received, Some(&pki));
+    // The path stands for a Slack webhook's secret: it must not be logged.
+    let secret = "T000/B000/not-for-the-log";
+    let listen = free_addr();
+    let config = webhook_config(
+        listen,
+        &format!(
+            "  webhook: \"https://localhost:{port}/services/{secret}\"\n  webhook_ca: \"{}\"\n",
+            pki.other_ca.display()
+        ),
+    );
+    let path = dir.write_config("adce.yaml", &config);
+    let server = ServerProc::start(&path, listen);
+    let failure = wait_until(
+        "the webhook failure logged",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let log = server.log();
+            match log.lines().find(|l| l.contains("webhook failed")) {
+                Some(line) => Ok(line.to_string()),
+                None => Err(adce_tests::tail_lines(&log, 5)),
+            }
+        },
+    );
+    assert!(
+        failure.contains(&format!("https://localhost:{port}")),
+        "the log names the target: {failure}"
+    );
+    assert!(
+        failure.contains("certificate") || failure.contains("UnknownIssuer"),
+        "refused for its certificate: {failure}"
+    );
+    let log = server.log();
+    assert!(
+        !log.contains(secret),
+        "the webhook path leaked into the log:\n{log}"
+    );
+    // The failing webhook held nothing up: the alert is raised and reported.
+    let health = server.ctl(&["health"]);
+    assert_eq!(health.status.code(), Some(1), "{}", text(&health.stdout));
+    assert!(text(&health.stdout).contains("adce.dispatcher"));
+    // The handshake was refused, so no request ever reached the receiver.
+    assert_eq!(read_or_empty(&received), "", "the receiver got a request");
 }

@@ -6,7 +6,9 @@
 //! provides the venv with grpcurl, the Python health client, moto_server and
 //! boto3.
 
+mod auth;
 mod config;
+mod confinement;
 mod crash;
 mod dependent;
 mod dev;
