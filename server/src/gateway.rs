@@ -1,26 +1,139 @@
 //! The `AgentGateway` service: agents' Connect streams and uploads. It turns
 //! stream messages into scheduler commands, checks the lake before a result
 //! is judged, and streams uploads into the lake. It holds no state of its own.
+//!
+//! It is also where agents are confined and limited: an upload is accepted
+//! only from the agent holding its lease and only for that lease's expected
+//! keys; an agent's Connect stream is cut off when it sends faster than its
+//! message budget or a message above the size limit; and [`GatewayLimits`]
+//! carries the server's message-size, stream and agent caps into the tonic
+//! services ([`Gateway::into_service`], [`control_service`]) and the transport
+//! ([`apply_transport_limits`]).
+//!
+//! Architecture invariant: an object reaches the lake only through an upload
+//! whose lease is live, held by the uploading agent, and expects that key.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use adce_proto::v1 as pb;
 use adce_proto::v1::agent_message::Kind as In;
 use sha2::{Digest, Sha256};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::config::ServerConfig;
+use crate::control::ControlService;
 use crate::error::Error;
 use crate::lake::{SharedLake, validate_key};
 use crate::logs::Event;
 use crate::model::{AgentId, LeaseId};
-use crate::scheduler::{AgentEvent, Command, Handle, ObjectCheck};
+use crate::scheduler::{AdmissionLimits, AgentEvent, Command, Handle, LeaseInfo, ObjectCheck};
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest message the services send: generous, replies are the
+/// server's own (large task pages and log batches included).
+pub const MAX_ENCODE_BYTES: usize = 256 * 1024 * 1024;
+/// The longest valid agent id (the scheduler refuses longer ones at Hello).
+const MAX_AGENT_ID_CHARS: usize = 128;
+/// A refusal names at most this many of a task's expected keys.
+const KEYS_IN_MESSAGE: usize = 3;
+
+/// The server's caps on what clients send, from the `server:` config
+/// section. Applied by [`Gateway::into_service`], [`control_service`] and
+/// [`apply_transport_limits`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GatewayLimits {
+    /// The largest message either service decodes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// Agents connected at once, and slots per agent.
+    pub admission: AdmissionLimits,
+    /// Messages per second one agent stream may send sustained, per slot.
+    pub messages_per_sec_per_slot: f64,
+    /// Messages one agent stream may send at once above the rate, per slot.
+    pub message_burst_per_slot: f64,
+}
+
+impl GatewayLimits {
+    /// The limits a `server:` section sets.
+    pub fn from_config(server: &ServerConfig) -> Self {
+        let rate = server.agent_messages.rate;
+        GatewayLimits {
+            max_message_bytes: usize::try_from(server.max_message_bytes).unwrap_or(usize::MAX),
+            max_concurrent_streams: server.max_concurrent_streams,
+            admission: AdmissionLimits {
+                max_agents: server.max_agents,
+                max_slots: server.max_slots_per_agent,
+            },
+            messages_per_sec_per_slot: f64::from(rate.count) / rate.per.duration().as_secs_f64(),
+            message_burst_per_slot: f64::from(server.agent_messages.burst),
+        }
+    }
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits::from_config(&ServerConfig::default())
+    }
+}
+
+/// The `Control` service with the message-size limits applied.
+pub fn control_service(
+    control: ControlService,
+    limits: &GatewayLimits,
+) -> pb::control_server::ControlServer<ControlService> {
+    pb::control_server::ControlServer::new(control)
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(MAX_ENCODE_BYTES.max(limits.max_message_bytes))
+}
+
+/// The transport settings of the limits: at most `max_concurrent_streams`
+/// HTTP/2 streams per client connection.
+pub fn apply_transport_limits<L>(
+    builder: tonic::transport::Server<L>,
+    limits: &GatewayLimits,
+) -> tonic::transport::Server<L> {
+    builder.max_concurrent_streams(limits.max_concurrent_streams)
+}
+
+/// A token bucket over one agent stream's messages.
+#[derive(Debug, Clone)]
+struct MessageBucket {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    at: Instant,
+}
+
+impl MessageBucket {
+    /// A full bucket of `burst` tokens refilled at `per_sec`.
+    fn new(per_sec: f64, burst: f64, now: Instant) -> Self {
+        MessageBucket {
+            tokens: burst,
+            burst,
+            per_sec,
+            at: now,
+        }
+    }
+
+    /// Takes a token for one message; false when the stream is over budget.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// The gateway service.
 #[derive(Debug, Clone)]
@@ -30,6 +143,7 @@ pub struct Gateway {
     max_upload_bytes: u64,
     next_conn: Arc<AtomicU64>,
     metrics: crate::metrics::Metrics,
+    limits: GatewayLimits,
 }
 
 impl Gateway {
@@ -46,8 +160,68 @@ impl Gateway {
             max_upload_bytes,
             next_conn: Arc::new(AtomicU64::new(1)),
             metrics,
+            limits: GatewayLimits::default(),
         }
     }
+
+    /// The same gateway enforcing `limits` (admission and message budget).
+    pub fn with_limits(mut self, limits: GatewayLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The tonic service of this gateway, enforcing `limits`: admission,
+    /// message budget and the message-size limit.
+    pub fn into_service(
+        self,
+        limits: &GatewayLimits,
+    ) -> pb::agent_gateway_server::AgentGatewayServer<Gateway> {
+        let max_message_bytes = limits.max_message_bytes;
+        pb::agent_gateway_server::AgentGatewayServer::new(self.with_limits(*limits))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(MAX_ENCODE_BYTES.max(max_message_bytes))
+    }
+}
+
+/// Lists at most [`KEYS_IN_MESSAGE`] keys, saying how many more there are.
+fn key_list(keys: &[String]) -> String {
+    let shown = keys
+        .iter()
+        .take(KEYS_IN_MESSAGE)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match keys.len().saturating_sub(KEYS_IN_MESSAGE) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// The agent id an upload claims, cut to the length a valid id may have (it
+/// comes from the network and is echoed in refusals and logs).
+fn claimed_agent(header: &pb::UploadHeader) -> String {
+    header.agent_id.chars().take(MAX_AGENT_ID_CHARS).collect()
+}
+
+/// Whether `header` may upload under the live lease `info`: the uploading
+/// agent must hold the lease and the key must be one of its expected keys.
+fn confine(header: &pb::UploadHeader, info: &LeaseInfo) -> Result<(), Status> {
+    if info.holder.0 != header.agent_id {
+        return Err(Status::permission_denied(format!(
+            "lease {} is not held by agent {}",
+            header.lease_id,
+            claimed_agent(header)
+        )));
+    }
+    if !info.expected_keys.contains(&header.key) {
+        return Err(Status::permission_denied(format!(
+            "key {} is not an expected object of task {} (expected: {})",
+            header.key,
+            info.task_id,
+            key_list(&info.expected_keys)
+        )));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for dyn crate::lake::Lake {
@@ -128,6 +302,12 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         };
         let agent = AgentId(hello.agent_id.clone());
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        // The message budget grows with the work the agent may run.
+        let slots = f64::from(hello.slots.max(1));
+        let (per_sec, burst) = (
+            self.limits.messages_per_sec_per_slot * slots,
+            self.limits.message_burst_per_slot * slots,
+        );
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.scheduler
             .call(|reply| Command::Connect {
@@ -135,21 +315,43 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                 address,
                 conn_id,
                 tx,
+                limits: self.limits.admission,
                 reply,
             })
             .await??;
         let scheduler = self.scheduler.clone();
         let lake = self.lake.clone();
         tokio::spawn(async move {
+            let mut bucket = MessageBucket::new(per_sec, burst, Instant::now());
+            let cut_off = |status: Status| Command::CutOff {
+                agent: agent.clone(),
+                conn_id,
+                status,
+            };
             loop {
                 let message = match inbound.message().await {
                     Ok(Some(message)) => message,
                     Ok(None) => break,
+                    // Tonic refuses a message above the decoding limit with
+                    // OUT_OF_RANGE; the stream cannot go on after it.
+                    Err(status) if status.code() == Code::OutOfRange => {
+                        let _ = scheduler.send(cut_off(Status::resource_exhausted(format!(
+                            "message above the size limit (server.max_message_bytes): {}",
+                            status.message()
+                        ))));
+                        return;
+                    }
                     Err(status) => {
                         debug!(agent = %agent, %status, "agent stream ended with an error");
                         break;
                     }
                 };
+                if !bucket.take(Instant::now()) {
+                    let _ = scheduler.send(cut_off(Status::resource_exhausted(format!(
+                        "more than {per_sec:.0} messages a second (burst {burst:.0}; server.agent_messages per slot)"
+                    ))));
+                    return;
+                }
                 let event = match message.kind {
                     Some(In::Heartbeat(hb)) => AgentEvent::Heartbeat(hb),
                     Some(In::Progress(p)) => AgentEvent::Progress(p),
@@ -222,14 +424,15 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                 .and_then(|r| r)
         };
         let info = lease_info(lease.clone()).await?;
-        if !info.expected_keys.contains(&header.key) {
-            return Err(Error::InvalidArgument(format!(
-                "key {} is not an expected object of task {} (expected: {})",
-                header.key,
-                info.task_id,
-                info.expected_keys.join(", ")
-            ))
-            .into());
+        if let Err(status) = confine(&header, &info) {
+            warn!(
+                agent = ?claimed_agent(&header),
+                lease = %lease,
+                key = %header.key,
+                reason = status.message(),
+                "upload refused"
+            );
+            return Err(status);
         }
         let mut writer = self.lake.put(&header.key).await.map_err(Error::from)?;
         let mut hasher = Sha256::new();
@@ -275,10 +478,15 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                 header.key, header.size
             )));
         }
-        // The lease may have expired while the bytes streamed in.
-        if let Err(e) = lease_info(lease.clone()).await {
+        // The lease may have expired (or passed to another agent) while the
+        // bytes streamed in.
+        let still = match lease_info(lease.clone()).await {
+            Ok(info) => confine(&header, &info),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(status) = still {
             writer.abort().await;
-            return Err(e.into());
+            return Err(status);
         }
         let meta = writer.commit().await.map_err(Error::from)?;
         self.metrics.uploaded(meta.size, started.elapsed());
@@ -301,5 +509,608 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             size: meta.size,
             sha256,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use adce_proto::v1::agent_gateway_client::AgentGatewayClient;
+    use adce_proto::v1::server_message::Kind as Out;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+    use tokio_util::sync::CancellationToken;
+    use tonic::transport::Channel;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::config::Config;
+    use crate::lake::LocalLake;
+    use crate::logs::LogBus;
+    use crate::model::{GapReason, Partition, Priority, Value};
+    use crate::scheduler::{PlannedTask, SchedulerOptions};
+
+    /// How long a test waits for one message from the server.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    const CONFIG: &str = "\
+version: 1
+lake:
+  local:
+    root: lake
+scrapers:
+  s:
+    command: [\"true\"]
+sources:
+  - name: a
+    scraper: s
+    partitions:
+      values: {var: item, values: [\"1\", \"2\", \"3\"]}
+    objects: [\"a/{item}.json\"]
+";
+
+    #[test]
+    fn the_bucket_allows_its_burst_then_its_rate() {
+        let start = Instant::now();
+        let mut bucket = MessageBucket::new(10.0, 5.0, start);
+        assert!((0..5).all(|_| bucket.take(start)));
+        assert!(
+            !bucket.take(start),
+            "the sixth message at once is over budget"
+        );
+        // A tenth of a second refills one token at 10/s, never more than the burst.
+        assert!(bucket.take(start + Duration::from_millis(100)));
+        assert!(!bucket.take(start + Duration::from_millis(100)));
+        let later = start + Duration::from_secs(60);
+        assert!((0..5).all(|_| bucket.take(later)));
+        assert!(!bucket.take(later));
+    }
+
+    #[test]
+    fn refusals_list_a_few_expected_keys_only() {
+        let keys: Vec<String> = (0..500).map(|i| format!("k/{i}.json")).collect();
+        assert_eq!(key_list(&keys), "k/0.json, k/1.json, k/2.json and 497 more");
+        assert_eq!(key_list(&keys[..2]), "k/0.json, k/1.json");
+    }
+
+    fn info(holder: &str, keys: &[&str]) -> LeaseInfo {
+        LeaseInfo {
+            holder: AgentId(holder.into()),
+            task_id: crate::model::TaskId(7),
+            source: "a".into(),
+            attempt: 1,
+            expected_keys: keys.iter().map(|k| k.to_string()).collect(),
+            min_bytes: 1,
+        }
+    }
+
+    fn header(agent: &str, key: &str) -> pb::UploadHeader {
+        pb::UploadHeader {
+            lease_id: "L1".into(),
+            key: key.into(),
+            size: 1,
+            agent_id: agent.into(),
+        }
+    }
+
+    #[test]
+    fn confine_wants_the_holder_and_an_expected_key() {
+        let lease = info("x", &["a/1.json"]);
+        assert!(confine(&header("x", "a/1.json"), &lease).is_ok());
+        let other_agent = confine(&header("y", "a/1.json"), &lease).unwrap_err();
+        assert_eq!(other_agent.code(), Code::PermissionDenied);
+        assert_eq!(other_agent.message(), "lease L1 is not held by agent y");
+        let no_agent = confine(&header("", "a/1.json"), &lease).unwrap_err();
+        assert_eq!(no_agent.code(), Code::PermissionDenied);
+        let other_key = confine(&header("x", "a/2.json"), &lease).unwrap_err();
+        assert_eq!(other_key.code(), Code::PermissionDenied);
+        assert!(
+            other_key
+                .message()
+                .contains("a/2.json is not an expected object of task 7")
+        );
+    }
+
+    #[test]
+    fn limits_come_from_the_server_section() {
+        let defaults = GatewayLimits::default();
+        assert_eq!(defaults.max_message_bytes, 4 << 20);
+        assert_eq!(defaults.max_concurrent_streams, 64);
+        assert_eq!(defaults.admission.max_agents, 1000);
+        assert_eq!(defaults.admission.max_slots, 1024);
+        assert_eq!(defaults.messages_per_sec_per_slot, 200.0);
+        assert_eq!(defaults.message_burst_per_slot, 1000.0);
+
+        let src = CONFIG.replace(
+            "version: 1\n",
+            "version: 1\nserver:\n  max_message_bytes: 2MiB\n  max_concurrent_streams: 8\n  \
+             max_agents: 2\n  max_slots_per_agent: 16\n  agent_messages: {rate: 30/min, burst: 7}\n",
+        );
+        let cfg = Config::parse(&src, Path::new("t.yaml")).unwrap();
+        let limits = GatewayLimits::from_config(&cfg.server);
+        assert_eq!(limits.max_message_bytes, 2 << 20);
+        assert_eq!(limits.max_concurrent_streams, 8);
+        assert_eq!(
+            limits.admission,
+            AdmissionLimits {
+                max_agents: 2,
+                max_slots: 16
+            }
+        );
+        assert_eq!(limits.messages_per_sec_per_slot, 0.5);
+        assert_eq!(limits.message_burst_per_slot, 7.0);
+        // The dump parses back to the same limits.
+        let again = Config::parse(&cfg.dump(), Path::new("t.yaml")).unwrap();
+        assert_eq!(again.server, cfg.server);
+    }
+
+    #[test]
+    fn limits_out_of_range_are_config_errors() {
+        for (line, expected) in [
+            (
+                "max_message_bytes: 64KiB",
+                "t.yaml:3:22: `max_message_bytes` must be at least 1MiB",
+            ),
+            (
+                "max_concurrent_streams: 1",
+                "t.yaml:3:27: `max_concurrent_streams` must be at least 2",
+            ),
+            (
+                "max_agents: 0",
+                "t.yaml:3:15: `max_agents` must be at least 1",
+            ),
+            (
+                "max_slots_per_agent: 0",
+                "t.yaml:3:24: `max_slots_per_agent` must be at least 1",
+            ),
+            (
+                "agent_messages: {rate: 10/s, burst: 0}",
+                "t.yaml:3:39: `burst` must be at least 1",
+            ),
+            ("agent_messages: {rate: 0/s}", "invalid rate `0/s`"),
+            (
+                "log_retention: {max_rows: 0}",
+                "t.yaml:3:29: `max_rows` must be at least 1",
+            ),
+            (
+                "log_retention: {max_age: 0s}",
+                "t.yaml:3:28: `max_age` must be longer than 0s",
+            ),
+            ("max_agents: -1", "t.yaml:3:"),
+        ] {
+            let src = CONFIG.replace("version: 1\n", &format!("version: 1\nserver:\n  {line}\n"));
+            let err = Config::parse(&src, Path::new("t.yaml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{line}: {err}");
+        }
+    }
+
+    /// A scheduler and a gateway on a loopback port, with tasks planned.
+    struct Bench {
+        dir: tempfile::TempDir,
+        lake_root: std::path::PathBuf,
+        sched: Handle,
+        addr: SocketAddr,
+        stop: CancellationToken,
+    }
+
+    impl Drop for Bench {
+        fn drop(&mut self) {
+            self.stop.cancel();
+            let _ = self.sched.send(Command::Shutdown {
+                reply: tokio::sync::oneshot::channel().0,
+            });
+        }
+    }
+
+    async fn bench(limits: GatewayLimits, items: &[&str]) -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(CONFIG, &dir.path().join("adce.yaml")).unwrap();
+        let catalog = Arc::new(Catalog::from_config(&cfg));
+        let conn = crate::store::open_writer(&dir.path().join("state")).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let (sched, _thread) = crate::scheduler::spawn(
+            conn,
+            catalog,
+            SchedulerOptions {
+                heartbeat_interval: Duration::from_secs(1),
+                lease_ttl: Duration::from_secs(30),
+                config_dir: dir.path().to_owned(),
+                no_agent_after: Duration::from_secs(3600),
+                aging: Duration::ZERO,
+                metrics: metrics.clone(),
+            },
+            LogBus::default(),
+        )
+        .unwrap();
+        let lake_root = dir.path().join("lake");
+        let lake: SharedLake = Arc::new(LocalLake::open(&lake_root).unwrap());
+        let gateway = Gateway::new(sched.clone(), lake, 1 << 20, metrics);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let serve = apply_transport_limits(tonic::transport::Server::builder(), &limits)
+            .add_service(gateway.into_service(&limits))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+                let stop = stop.clone();
+                async move { stop.cancelled().await }
+            });
+        tokio::spawn(serve);
+        let tasks = items
+            .iter()
+            .map(|item| PlannedTask {
+                source: "a".into(),
+                scraper: "s".into(),
+                partition: Partition {
+                    vars: vec![("item".into(), Value::Str(item.to_string()))],
+                },
+                priority: Priority::Medium,
+                reason: GapReason::Missing,
+                keys: vec![format!("a/{item}.json")],
+            })
+            .collect();
+        sched
+            .call(|reply| Command::ApplyPlan {
+                tasks,
+                observed_at: 0,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        sched.send(Command::SetDispatch { enabled: true }).unwrap();
+        Bench {
+            dir,
+            lake_root,
+            sched,
+            addr,
+            stop,
+        }
+    }
+
+    /// A hand-driven agent: a Connect stream and an upload client.
+    struct TestAgent {
+        id: String,
+        tx: mpsc::Sender<pb::AgentMessage>,
+        rx: Streaming<pb::ServerMessage>,
+        client: AgentGatewayClient<Channel>,
+    }
+
+    impl Bench {
+        async fn channel(&self) -> Channel {
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        }
+
+        /// Connects as agent `id` with `slots` and reads its Welcome.
+        async fn agent(&self, id: &str, slots: u32) -> Result<TestAgent, Status> {
+            let mut client = AgentGatewayClient::new(self.channel().await);
+            let (tx, out) = mpsc::channel(64);
+            tx.send(pb::AgentMessage {
+                kind: Some(In::Hello(pb::Hello {
+                    agent_id: id.into(),
+                    hostname: "test".into(),
+                    slots,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let mut rx = client.connect(ReceiverStream::new(out)).await?.into_inner();
+            match next(&mut rx).await? {
+                Some(Out::Welcome(_)) => {}
+                other => panic!("expected a Welcome, got {other:?}"),
+            }
+            Ok(TestAgent {
+                id: id.into(),
+                tx,
+                rx,
+                client,
+            })
+        }
+
+        async fn agents(&self) -> BTreeSet<String> {
+            self.sched
+                .call(|reply| Command::Agents { reply })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|a| a.id.0)
+                .collect()
+        }
+    }
+
+    /// The next message on an agent's stream (bounded wait).
+    async fn next(rx: &mut Streaming<pb::ServerMessage>) -> Result<Option<Out>, Status> {
+        match tokio::time::timeout(WAIT, rx.message()).await {
+            Ok(message) => Ok(message?.and_then(|m| m.kind)),
+            Err(_) => panic!("no message from the server within {WAIT:?}"),
+        }
+    }
+
+    impl TestAgent {
+        async fn assign(&mut self) -> pb::Assign {
+            match next(&mut self.rx).await {
+                Ok(Some(Out::Assign(assign))) => assign,
+                other => panic!("expected an Assign, got {other:?}"),
+            }
+        }
+
+        /// Uploads `bytes` as `key` under `lease`, claiming to be `agent`.
+        async fn upload(
+            &mut self,
+            lease: &str,
+            agent: &str,
+            key: &str,
+            bytes: &[u8],
+        ) -> Result<pb::UploadReply, Status> {
+            let chunks = vec![
+                pb::UploadChunk {
+                    kind: Some(pb::upload_chunk::Kind::Header(pb::UploadHeader {
+                        lease_id: lease.into(),
+                        key: key.into(),
+                        size: bytes.len() as u64,
+                        agent_id: agent.into(),
+                    })),
+                },
+                pb::UploadChunk {
+                    kind: Some(pb::upload_chunk::Kind::Data(bytes.to_vec())),
+                },
+            ];
+            self.client
+                .upload(tokio_stream::iter(chunks))
+                .await
+                .map(Response::into_inner)
+        }
+
+        /// Reads the stream until it ends; its final status.
+        async fn end(&mut self) -> Status {
+            for _ in 0..10_000 {
+                match next(&mut self.rx).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Status::ok("ended"),
+                    Err(status) => return status,
+                }
+            }
+            panic!("the stream of {} did not end", self.id);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_are_confined_to_the_lease_holder_and_its_keys() {
+        let bench = bench(GatewayLimits::default(), &["1", "2"]).await;
+        let mut x = bench.agent("x", 1).await.unwrap();
+        let mut y = bench.agent("y", 1).await.unwrap();
+        let (ax, ay) = (x.assign().await, y.assign().await);
+        let (kx, ky) = (ax.expected_keys[0].clone(), ay.expected_keys[0].clone());
+        let lx = ax.lease_id.clone();
+
+        // Another task's key under x's own lease.
+        let err = x.upload(&lx, "x", &ky, b"{}").await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        // x's key under x's lease, but sent by y or claiming another agent.
+        let err = y.upload(&lx, "y", &kx, b"{}").await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert_eq!(err.message(), format!("lease {lx} is not held by agent y"));
+        let err = x.upload(&lx, "", &kx, b"{}").await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        // Keys that would leave the lake or are not normalized.
+        for key in [
+            "../escape",
+            "/abs",
+            "a\\b",
+            "a/\u{7}b",
+            "a//1.json",
+            "a/./1.json",
+        ] {
+            let err = x.upload(&lx, "x", key, b"{}").await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{key:?}: {err:?}");
+        }
+        let parent = bench.lake_root.parent().unwrap();
+        assert!(!parent.join("escape").exists());
+        assert!(
+            bench.lake_root.read_dir().unwrap().next().is_none(),
+            "the lake is empty"
+        );
+
+        // The holder's own key goes through.
+        let reply = x.upload(&lx, "x", &kx, b"{}").await.unwrap();
+        assert_eq!(reply.size, 2);
+        assert!(bench.lake_root.join(&kx).is_file());
+        assert!(!bench.lake_root.join(&ky).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_agents_refuses_a_new_agent_but_not_a_reconnect() {
+        let limits = GatewayLimits {
+            admission: AdmissionLimits {
+                max_agents: 2,
+                max_slots: 4,
+            },
+            ..GatewayLimits::default()
+        };
+        let bench = bench(limits, &[]).await;
+        let _a = bench.agent("a", 1).await.unwrap();
+        let _b = bench.agent("b", 4).await.unwrap();
+        let err = bench.agent("c", 1).await.err().unwrap();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("server.max_agents is 2"), "{err:?}");
+        // The same id again replaces its stream.
+        let _a2 = bench.agent("a", 1).await.unwrap();
+        assert_eq!(
+            bench.agents().await,
+            BTreeSet::from(["a".into(), "b".into()])
+        );
+        // The slot cap is the configured one.
+        let err = bench.agent("a", 5).await.err().unwrap();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("between 1 and 4"), "{err:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flooding_agent_is_cut_off_and_the_others_stay() {
+        let limits = GatewayLimits {
+            messages_per_sec_per_slot: 10.0,
+            message_burst_per_slot: 20.0,
+            ..GatewayLimits::default()
+        };
+        let bench = bench(limits, &[]).await;
+        let mut rows = bench.sched.logs().subscribe();
+        let mut flood = bench.agent("flood", 1).await.unwrap();
+        let _calm = bench.agent("calm", 1).await.unwrap();
+        let heartbeat = pb::AgentMessage {
+            kind: Some(In::Heartbeat(pb::Heartbeat::default())),
+        };
+        for _ in 0..1000 {
+            if flood.tx.send(heartbeat.clone()).await.is_err() {
+                break;
+            }
+        }
+        let status = flood.end().await;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("messages a second"), "{status:?}");
+        assert_eq!(bench.agents().await, BTreeSet::from(["calm".into()]));
+        let cut = tokio::time::timeout(WAIT, async {
+            loop {
+                let row = rows.recv().await.unwrap();
+                if row.level == pb::LogLevel::Error as i32 && row.agent_id == "flood" {
+                    return row;
+                }
+            }
+        })
+        .await
+        .expect("an error event naming the agent");
+        assert!(cut.message.contains("cut off"), "{}", cut.message);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_above_the_size_limit_ends_the_stream() {
+        let limits = GatewayLimits {
+            max_message_bytes: 1 << 20,
+            ..GatewayLimits::default()
+        };
+        let bench = bench(limits, &["1"]).await;
+        let mut big = bench.agent("big", 1).await.unwrap();
+        let _calm = bench.agent("calm", 1).await.unwrap();
+        let lines = pb::LogLines {
+            lease_id: "L".into(),
+            lines: vec![pb::LogLine {
+                text: "x".repeat(2 << 20),
+                ..Default::default()
+            }],
+        };
+        big.tx
+            .send(pb::AgentMessage {
+                kind: Some(In::LogLines(lines)),
+            })
+            .await
+            .unwrap();
+        let status = loop {
+            match next(&mut big.rx).await {
+                Ok(Some(Out::Assign(_))) => {}
+                Ok(other) => panic!("expected the stream to fail, got {other:?}"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("size limit"), "{status:?}");
+        assert_eq!(bench.agents().await, BTreeSet::from(["calm".into()]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn announce_stop_tells_agents_and_assigns_nothing() {
+        let bench = bench(GatewayLimits::default(), &[]).await;
+        let mut agent = bench.agent("a", 2).await.unwrap();
+        bench
+            .sched
+            .send(Command::AnnounceStop {
+                reason: "shutting down".into(),
+                grace: Duration::from_secs(60),
+            })
+            .unwrap();
+        match next(&mut agent.rx).await {
+            Ok(Some(Out::Stopping(stopping))) => {
+                assert_eq!(stopping.reason, "shutting down");
+                assert_eq!(stopping.grace_ms, 60_000);
+            }
+            other => panic!("expected ServerStopping, got {other:?}"),
+        }
+        // Work planned after the notice stays queued: the batch that queues
+        // it would have assigned it before replying.
+        let planned = PlannedTask {
+            source: "a".into(),
+            scraper: "s".into(),
+            partition: Partition {
+                vars: vec![("item".into(), Value::Str("1".into()))],
+            },
+            priority: Priority::Medium,
+            reason: GapReason::Missing,
+            keys: vec!["a/1.json".into()],
+        };
+        let created = bench
+            .sched
+            .call(|reply| Command::ApplyPlan {
+                tasks: vec![planned],
+                observed_at: 0,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(created, 1);
+        let stats = bench
+            .sched
+            .call(|reply| Command::Stats { reply })
+            .await
+            .unwrap();
+        assert_eq!((stats.ready, stats.leased), (1, 0));
+        // An agent connecting now hears it too.
+        let mut late = bench.agent("late", 1).await.unwrap();
+        assert!(matches!(
+            next(&mut late.rx).await,
+            Ok(Some(Out::Stopping(_)))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn log_retention_is_the_configured_one() {
+        let bench = bench(GatewayLimits::default(), &[]).await;
+        for i in 0..30 {
+            bench.sched.log(Event::info(format!("event {i}")).row());
+        }
+        bench
+            .sched
+            .send(Command::SetLogRetention(crate::config::LogRetention {
+                max_age: Duration::from_secs(3600),
+                max_rows: 5,
+            }))
+            .unwrap();
+        let readers = Arc::new(crate::store::Readers::new(&bench.dir.path().join("state")));
+        let filter = crate::store::LogFilter::default();
+        let mut kept = Vec::new();
+        // The scheduler ticks every 200 ms; the first tick prunes.
+        for _ in 0..100 {
+            let f = filter.clone();
+            kept = readers
+                .with(move |c| crate::store::log_tail(c, &f, 1000))
+                .await
+                .unwrap();
+            if kept.len() <= 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let messages: Vec<&str> = kept.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            ["event 25", "event 26", "event 27", "event 28", "event 29"]
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::catalog::Catalog;
 use crate::config::{ClientAuth, Config, LakeConfig, TlsConfig};
 use crate::control::ControlService;
 use crate::error::{Error, Result};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, GatewayLimits, apply_transport_limits, control_service};
 use crate::health::Alerts;
 use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
@@ -103,7 +103,11 @@ pub fn check_exposure(config: &Config, addr: std::net::SocketAddr) -> Result<()>
 
 /// Says at start how the listener is protected.
 fn log_protection(config: &Config) {
-    let transport = if config.tls.is_some() { "tls" } else { "plaintext" };
+    let transport = if config.tls.is_some() {
+        "tls"
+    } else {
+        "plaintext"
+    };
     if config.auth.enabled() {
         info!(
             tokens = config.auth.tokens.len(),
@@ -219,6 +223,9 @@ pub async fn run(
         },
         logs,
     )?;
+
+    let limits = GatewayLimits::from_config(&config.server);
+    let _ = sched.send(Command::SetLogRetention(config.server.log_retention));
 
     let token = CancellationToken::new();
     // A failed scheduler (store failure) stops the whole server.
@@ -384,7 +391,11 @@ pub async fn run(
             loop_token.cancel();
             let _ = loop_join.await;
             // No new work; running tasks may finish and upload for a while.
-            let _ = sched.send(Command::SetDispatch { enabled: false });
+            // Agents are told, so they keep their tasks and reconnect later.
+            let _ = sched.send(Command::AnnounceStop {
+                reason: "server shutting down".into(),
+                grace,
+            });
             wait_for_leases(&sched, grace).await;
             sched.log(Event::info("server shutting down").row());
             // Committing and stopping the scheduler ends every agent stream.
@@ -393,7 +404,7 @@ pub async fn run(
         }
     };
     let serve_token = token.clone();
-    let mut builder = Server::builder();
+    let mut builder = apply_transport_limits(Server::builder(), &limits);
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(server_tls(tls)?)
@@ -406,8 +417,8 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::agent_gateway_server::AgentGatewayServer::new(gateway))
-        .add_service(pb::control_server::ControlServer::new(control))
+        .add_service(gateway.into_service(&limits))
+        .add_service(control_service(control, &limits))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             serve_token.cancelled().await;
         });

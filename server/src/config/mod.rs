@@ -237,7 +237,35 @@ pub struct ServerConfig {
     /// How many messages an agent's Connect stream may send, per slot it
     /// announced; an agent above it is cut off.
     pub agent_messages: AgentMessageLimit,
+    /// How long server events and task output are kept.
+    pub log_retention: LogRetention,
 }
+
+/// `server.log_retention`: log entries (server events and task output) older
+/// than `max_age`, and beyond the newest `max_rows`, are pruned every minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogRetention {
+    /// Entries older than this are pruned.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+    /// At most this many entries are kept.
+    pub max_rows: u64,
+}
+
+impl Default for LogRetention {
+    fn default() -> Self {
+        LogRetention {
+            max_age: DEFAULT_LOG_MAX_AGE,
+            max_rows: DEFAULT_LOG_MAX_ROWS,
+        }
+    }
+}
+
+/// The default of `server.log_retention.max_age`.
+pub const DEFAULT_LOG_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The default of `server.log_retention.max_rows`.
+pub const DEFAULT_LOG_MAX_ROWS: u64 = 2_000_000;
 
 /// `server.agent_messages`: a token bucket over the messages of one agent's
 /// Connect stream. Both numbers are per slot the agent announced, so an agent
@@ -356,6 +384,7 @@ impl Default for ServerConfig {
             max_agents: DEFAULT_MAX_AGENTS,
             max_slots_per_agent: DEFAULT_MAX_SLOTS_PER_AGENT,
             agent_messages: AgentMessageLimit::default(),
+            log_retention: LogRetention::default(),
         }
     }
 }

@@ -195,6 +195,14 @@ impl Validator<'_> {
                     .into(),
             ));
         }
+        let retention = p.key("log_retention");
+        self.positive(&retention.key("max_age"), s.log_retention.max_age)?;
+        if s.log_retention.max_rows == 0 {
+            return Err(self.at(
+                &retention.key("max_rows"),
+                "`max_rows` must be at least 1".into(),
+            ));
+        }
         // The rate's count is at least 1 by its own parsing.
         if s.agent_messages.burst == 0 {
             return Err(self.at(

@@ -13,8 +13,9 @@ use tracing::{debug, error, info, warn};
 
 use super::queue::ReadyQueue;
 use super::{
-    AgentEvent, AgentSnapshot, AgentTx, CatalogCell, Command, Handle, LeaseInfo, ObjectCheck,
-    PlannedTask, QueueReport, QueueStats, RetrySelection, SchedulerOptions, WaitingNote,
+    AdmissionLimits, AgentEvent, AgentSnapshot, AgentTx, CatalogCell, Command, Handle, LeaseInfo,
+    ObjectCheck, PlannedTask, QueueReport, QueueStats, RetrySelection, SchedulerOptions,
+    WaitingNote,
 };
 use crate::catalog::{ArgPiece, Catalog, RenderContext};
 use crate::error::{Error, Result};
@@ -42,10 +43,6 @@ const LINES_PER_SECOND: f64 = 200.0;
 const LINE_BURST: f64 = 2000.0;
 /// How often old log entries are pruned.
 const LOG_PRUNE_EVERY_MS: i64 = 60_000;
-/// Log entries older than this are pruned.
-const LOG_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
-/// At most this many log entries are kept.
-const LOG_MAX_ROWS: u64 = 2_000_000;
 
 /// A lease's output budget: tokens refill at `LINES_PER_SECOND`.
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +130,14 @@ impl Effects {
             let _ = tx.send(Ok(pb::ServerMessage { kind: Some(kind) }));
         });
     }
+
+    /// Ends an agent's stream with `status` (nothing sent after it arrives).
+    fn fail(&mut self, tx: &AgentTx, status: tonic::Status) {
+        let tx = tx.clone();
+        self.then(move || {
+            let _ = tx.send(Err(status));
+        });
+    }
 }
 
 struct State {
@@ -160,6 +165,11 @@ struct State {
     line_budgets: HashMap<LeaseId, LineBudget>,
     /// When log entries were last pruned.
     pruned_at: UnixMs,
+    /// How long log entries are kept.
+    retention: crate::config::LogRetention,
+    /// The server announced its stop, with this notice: nothing is assigned
+    /// any more, and agents that connect from now on get the notice too.
+    stopping: Option<pb::ServerStopping>,
 }
 
 /// Loads the queue from the store and starts the scheduler thread.
@@ -188,6 +198,8 @@ pub fn spawn(
         failed_total: 0,
         line_budgets: HashMap::new(),
         pruned_at: 0,
+        retention: crate::config::LogRetention::default(),
+        stopping: None,
     };
     let now = now_ms();
     let rows = store::load_active(&conn)?;
@@ -341,9 +353,12 @@ impl State {
                 address,
                 conn_id,
                 tx: agent_tx,
+                limits,
                 reply,
             } => {
-                let result = self.connect(tx, fx, hello, address, conn_id, agent_tx);
+                let result = self
+                    .admit(tx, fx, &hello, limits)
+                    .and_then(|()| self.connect(tx, fx, hello, address, conn_id, agent_tx));
                 match result {
                     Ok(()) => fx.reply(reply, Ok(())),
                     Err(Error::Store(e)) => return Err(Error::Store(e)),
@@ -351,6 +366,11 @@ impl State {
                 }
             }
             Command::Disconnect { agent, conn_id } => self.disconnect(tx, fx, &agent, conn_id)?,
+            Command::CutOff {
+                agent,
+                conn_id,
+                status,
+            } => self.cut_off(tx, fx, &agent, conn_id, status)?,
             Command::FromAgent { agent, event } => self.on_agent_event(tx, fx, &agent, event)?,
             Command::LeaseInfo {
                 lease,
@@ -434,6 +454,12 @@ impl State {
                     debug!(enabled, "dispatch switched");
                 }
                 self.dispatch_enabled = enabled;
+            }
+            Command::AnnounceStop { reason, grace } => self.announce_stop(tx, fx, reason, grace)?,
+            Command::SetLogRetention(retention) => {
+                self.retention = retention;
+                // Prune by the new rule at the next tick.
+                self.pruned_at = 0;
             }
             Command::Stats { reply } => {
                 let stats = self.stats();
@@ -650,14 +676,15 @@ impl State {
             .collect()
     }
 
-    fn connect(
+    /// Whether an agent that said `hello` may connect: a valid id, a slot
+    /// count within the cap, and room under `max_agents` unless it is
+    /// already connected (a reconnect replaces its earlier stream).
+    fn admit(
         &mut self,
         tx: &Transaction<'_>,
         fx: &mut Effects,
-        hello: pb::Hello,
-        address: String,
-        conn_id: u64,
-        agent_tx: AgentTx,
+        hello: &pb::Hello,
+        limits: AdmissionLimits,
     ) -> Result<()> {
         if hello.agent_id.is_empty()
             || hello.agent_id.len() > 128
@@ -667,12 +694,43 @@ impl State {
                 "agent id must be 1 to 128 printable characters".into(),
             ));
         }
-        if hello.slots == 0 || hello.slots > 1024 {
+        if hello.slots == 0 || hello.slots > limits.max_slots {
             return Err(Error::InvalidArgument(format!(
-                "slots must be between 1 and 1024, got {}",
-                hello.slots
+                "slots must be between 1 and {} (server.max_slots_per_agent), got {}",
+                limits.max_slots, hello.slots
             )));
         }
+        let id = AgentId(hello.agent_id.clone());
+        if !self.agents.contains_key(&id) && self.agents.len() >= limits.max_agents as usize {
+            warn!(agent = %id, max_agents = limits.max_agents, "agent refused: too many agents");
+            self.log(
+                tx,
+                fx,
+                Event::warn(format!(
+                    "agent refused: {} agents are connected, the most server.max_agents allows",
+                    self.agents.len()
+                ))
+                .agent(id.0.clone())
+                .row(),
+            )?;
+            return Err(Error::TooLarge(format!(
+                "agent {id} refused: the server already has {} connected agents (server.max_agents is {})",
+                self.agents.len(),
+                limits.max_agents
+            )));
+        }
+        Ok(())
+    }
+
+    fn connect(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        hello: pb::Hello,
+        address: String,
+        conn_id: u64,
+        agent_tx: AgentTx,
+    ) -> Result<()> {
         let now = now_ms();
         let id = AgentId(hello.agent_id.clone());
         let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
@@ -702,6 +760,9 @@ impl State {
                 server_version: env!("CARGO_PKG_VERSION").into(),
             }),
         );
+        if let Some(notice) = &self.stopping {
+            fx.send(&agent.tx, Out::Stopping(notice.clone()));
+        }
         // Re-attach the leases the agent still runs; cancel the ones that are
         // no longer live.
         let claimed: BTreeSet<LeaseId> = hello
@@ -812,6 +873,64 @@ impl State {
                 "agent disconnected with {running} running tasks (their leases expire unless it reconnects)"
             ))
             .agent(id.0.clone())
+            .row(),
+        )
+    }
+
+    /// Ends an agent's stream from the server's side with `status`; its
+    /// leases stay and expire unless it reconnects, like a lost agent's.
+    fn cut_off(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        id: &AgentId,
+        conn_id: u64,
+        status: tonic::Status,
+    ) -> Result<()> {
+        let Some(agent) = self.agents.get(id).filter(|a| a.conn_id == conn_id) else {
+            return Ok(());
+        };
+        error!(agent = %id, code = ?status.code(), reason = status.message(), "agent cut off");
+        fx.fail(&agent.tx, status.clone());
+        let running = agent.running.len();
+        self.log(
+            tx,
+            fx,
+            Event::error(format!(
+                "agent {id} cut off: {}; its {running} running tasks expire unless it reconnects",
+                status.message()
+            ))
+            .agent(id.0.clone())
+            .row(),
+        )?;
+        self.disconnect(tx, fx, id, conn_id)
+    }
+
+    /// Tells every connected agent the server is stopping, and stops
+    /// assigning work for good.
+    fn announce_stop(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        reason: String,
+        grace: Duration,
+    ) -> Result<()> {
+        let notice = pb::ServerStopping {
+            reason: reason.clone(),
+            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+        };
+        for agent in self.agents.values() {
+            fx.send(&agent.tx, Out::Stopping(notice.clone()));
+        }
+        self.stopping = Some(notice);
+        info!(agents = self.agents.len(), %reason, ?grace, "stop announced to agents");
+        self.log(
+            tx,
+            fx,
+            Event::info(format!(
+                "server stopping ({reason}): told {} agents, assigning nothing more",
+                self.agents.len()
+            ))
             .row(),
         )
     }
@@ -978,6 +1097,7 @@ impl State {
         }
         let min_bytes = self.catalog.source(&task.source).map_or(1, |s| s.min_bytes);
         Ok(LeaseInfo {
+            holder: held.agent.clone(),
             task_id,
             source: task.source.to_string(),
             attempt: task.attempts,
@@ -1679,7 +1799,9 @@ impl State {
         self.track_unroutable(tx, fx, now)?;
         if now - self.pruned_at >= LOG_PRUNE_EVERY_MS {
             self.pruned_at = now;
-            let pruned = store::prune_logs(tx, now - LOG_MAX_AGE_MS, LOG_MAX_ROWS)?;
+            let max_age_ms = i64::try_from(self.retention.max_age.as_millis()).unwrap_or(i64::MAX);
+            let pruned =
+                store::prune_logs(tx, now.saturating_sub(max_age_ms), self.retention.max_rows)?;
             if pruned > 0 {
                 debug!(pruned, "old log entries pruned");
             }
@@ -1711,7 +1833,11 @@ impl State {
     }
 
     fn dispatch(&mut self, tx: &Transaction<'_>, fx: &mut Effects) -> Result<()> {
-        if !self.dispatch_enabled || self.queue.ready_len() == 0 || self.agents.is_empty() {
+        if !self.dispatch_enabled
+            || self.stopping.is_some()
+            || self.queue.ready_len() == 0
+            || self.agents.is_empty()
+        {
             return Ok(());
         }
         let now = now_ms();

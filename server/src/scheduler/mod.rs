@@ -68,6 +68,8 @@ pub struct WaitingNote {
 /// What the gateway needs to know about a live lease.
 #[derive(Debug, Clone)]
 pub struct LeaseInfo {
+    /// The agent holding it.
+    pub holder: AgentId,
     /// The task.
     pub task_id: TaskId,
     /// Its source.
@@ -158,6 +160,25 @@ pub struct AgentSnapshot {
     pub running: Vec<TaskId>,
 }
 
+/// Who may connect: checked when an agent says Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionLimits {
+    /// Agents connected at once; a new agent beyond is refused (a reconnect
+    /// of a connected agent replaces it and does not count twice).
+    pub max_agents: u32,
+    /// The most slots one agent may announce.
+    pub max_slots: u32,
+}
+
+impl Default for AdmissionLimits {
+    fn default() -> Self {
+        AdmissionLimits {
+            max_agents: crate::config::DEFAULT_MAX_AGENTS,
+            max_slots: crate::config::DEFAULT_MAX_SLOTS_PER_AGENT,
+        }
+    }
+}
+
 /// Messages from an agent's stream the scheduler handles.
 #[derive(Debug)]
 pub enum AgentEvent {
@@ -184,6 +205,8 @@ pub enum Command {
         conn_id: u64,
         /// Its outbound stream; the Welcome is sent there.
         tx: AgentTx,
+        /// The caps it must fit in.
+        limits: AdmissionLimits,
         /// Ok once registered.
         reply: oneshot::Sender<Result<()>>,
     },
@@ -193,6 +216,17 @@ pub enum Command {
         agent: AgentId,
         /// Which stream.
         conn_id: u64,
+    },
+    /// The gateway cut an agent's stream off (it flooded, or sent a message
+    /// above the size limit): its stream ends with `status`, and its leases
+    /// follow the lost-agent path (they expire unless it reconnects).
+    CutOff {
+        /// The agent.
+        agent: AgentId,
+        /// Which stream.
+        conn_id: u64,
+        /// What the agent's stream ends with.
+        status: tonic::Status,
     },
     /// A message on an agent's stream.
     FromAgent {
@@ -252,6 +286,17 @@ pub enum Command {
     SetDispatch {
         /// On or off.
         enabled: bool,
+    },
+    /// Sets how long log entries are kept (`server.log_retention`); the next
+    /// tick prunes by it.
+    SetLogRetention(crate::config::LogRetention),
+    /// The server is stopping: tells every connected agent (`ServerStopping`)
+    /// and assigns nothing from then on.
+    AnnounceStop {
+        /// Why, for the agents' logs.
+        reason: String,
+        /// How long the server waits for running tasks.
+        grace: Duration,
     },
     /// Queue numbers.
     Stats {

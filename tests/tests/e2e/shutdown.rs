@@ -64,7 +64,7 @@ fn server_sigterm_lets_a_running_task_finish() {
     let listen = free_addr();
     let path = dir.write_config("adce.yaml", &config(listen, "2"));
     let mut server = ServerProc::start(&path, listen);
-    let _agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
+    let mut agent = AgentProc::start(&server.url(), "a1", 1, &[], dir.path());
     wait_running(&server.url());
 
     let status = server.terminate();
@@ -72,12 +72,22 @@ fn server_sigterm_lets_a_running_task_finish() {
     // The scraper finished and its object was uploaded before the exit.
     assert!(dir.path().join("lake/feed/x1.json").is_file());
     assert_eq!(runs(&dir), 1);
+    // The agent was told the server is going away (not to drain): it stays.
+    assert!(
+        agent.log().contains("server is stopping"),
+        "agent log:\n{}",
+        agent.log()
+    );
 
     // The next start finds the task done: nothing runs again.
     let server = ServerProc::start(&path, listen);
     wait_only_task(&server.url(), "done");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(runs(&dir), 1);
+    assert!(
+        agent.proc().is_running(),
+        "the agent exited with the server"
+    );
 }
 
 #[test]

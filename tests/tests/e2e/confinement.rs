@@ -1,0 +1,552 @@
+//! Confinement and limits of the agent gateway, driven by a hand-made agent
+//! (a raw `AgentGateway` client) against the real `adce-server`: uploads only
+//! from the lease holder and only of the lease's expected keys, keys that
+//! would leave the lake refused, results and log lines for leases an agent
+//! does not hold dropped, a message above the size limit and a message flood
+//! each cutting only the offending agent off (its task follows the lost-agent
+//! path while a real agent keeps working), and `server.max_agents`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use adce_proto::v1 as pb;
+use adce_proto::v1::agent_gateway_client::AgentGatewayClient;
+use adce_proto::v1::agent_message::Kind as In;
+use adce_proto::v1::server_message::Kind as Out;
+use adce_tests::{
+    AgentProc, ServerProc, TestDir, all_tasks, base_config, ctl_json, files_under, free_addr,
+    log_entries, state_of, task_id, wait_until,
+};
+use serde_json::Value;
+use tonic::codegen::tokio_stream;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+/// How long one message from the server may take to arrive.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the server may take to end a stream it refused.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long work may take to finish after the hostile part.
+const DONE_TIMEOUT: Duration = Duration::from_secs(90);
+const POLL: Duration = Duration::from_millis(200);
+/// The hand-made agent heartbeats this often (the test config's interval).
+const HEARTBEAT: Duration = Duration::from_millis(500);
+/// It heartbeats at most this many times (ten minutes' worth).
+const MAX_HEARTBEATS: u32 = 1200;
+/// The flood: at most this many messages, for at most this long.
+const FLOOD_MESSAGES: usize = 100_000;
+const FLOOD_FOR: Duration = Duration::from_secs(10);
+/// One log line of 100 MB.
+const HUGE_LINE_BYTES: usize = 100 * 1024 * 1024;
+/// Messages the hand-made agent may have queued for sending.
+const OUTBOX: usize = 1024;
+
+/// A config with one task per item; its scraper waits while `hold` exists
+/// next to the config, then writes its expected keys. `server` lines are
+/// added to the `server:` section.
+fn config(listen: std::net::SocketAddr, server: &str, items: &[&str]) -> String {
+    let items: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!(
+        "{base}scrapers:
+  held:
+    command: [\"{{config_dir}}/scrapers/hold.sh\"]
+    env:
+      HOLD: \"{{config_dir}}/hold\"
+    timeout: 2m
+    retry: {{max_attempts: 5, backoff: 200ms}}
+sources:
+  - name: feed
+    scraper: held
+    partitions:
+      values: {{var: item, values: [{items}]}}
+    objects: [\"feed/{{item}}.json\"]
+",
+        base =
+            base_config(listen).replace("  lease_ttl: 3s\n", &format!("  lease_ttl: 3s\n{server}")),
+        items = items.join(", ")
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => panic!("cannot build a runtime: {e}"),
+    }
+}
+
+/// A hand-driven agent: a Connect stream whose messages the test writes, an
+/// upload client, and a background heartbeat for the leases it was assigned.
+struct RawAgent {
+    id: String,
+    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    rx: Streaming<pb::ServerMessage>,
+    client: AgentGatewayClient<Channel>,
+    leases: Arc<Mutex<Vec<String>>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawAgent {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl RawAgent {
+    /// Connects as `id` with `slots` and reads the Welcome; the refusal when
+    /// the server refuses the agent.
+    async fn connect(url: &str, id: &str, slots: u32) -> Result<RawAgent, Status> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut client = AgentGatewayClient::new(channel);
+        let (tx, outbox) = tokio::sync::mpsc::channel(OUTBOX);
+        let hello = pb::AgentMessage {
+            kind: Some(In::Hello(pb::Hello {
+                agent_id: id.to_string(),
+                hostname: "raw-test-client".into(),
+                slots,
+                version: "test".into(),
+                ..Default::default()
+            })),
+        };
+        if tx.send(hello).await.is_err() {
+            return Err(Status::internal("the outbox closed before Hello"));
+        }
+        let mut rx = client
+            .connect(tokio_stream::wrappers::ReceiverStream::new(outbox))
+            .await?
+            .into_inner();
+        match tokio::time::timeout(MESSAGE_TIMEOUT, rx.message()).await {
+            Ok(Ok(Some(pb::ServerMessage {
+                kind: Some(Out::Welcome(_)),
+            }))) => {}
+            Ok(Err(status)) => return Err(status),
+            Ok(other) => panic!("{id}: expected a Welcome, got {other:?}"),
+            Err(_) => panic!("{id}: no Welcome within {MESSAGE_TIMEOUT:?}"),
+        }
+        let leases = Arc::new(Mutex::new(Vec::new()));
+        let heartbeat = tokio::spawn({
+            let (tx, leases) = (tx.clone(), leases.clone());
+            async move {
+                for _ in 0..MAX_HEARTBEATS {
+                    tokio::time::sleep(HEARTBEAT).await;
+                    let running_leases = leases.lock().map(|l| l.clone()).unwrap_or_default();
+                    let beat = pb::AgentMessage {
+                        kind: Some(In::Heartbeat(pb::Heartbeat { running_leases })),
+                    };
+                    if tx.send(beat).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(RawAgent {
+            id: id.to_string(),
+            tx,
+            rx,
+            client,
+            leases,
+            heartbeat,
+        })
+    }
+
+    /// Waits for the next Assign and heartbeats its lease from then on.
+    async fn assign(&mut self) -> pb::Assign {
+        for _ in 0..100 {
+            match tokio::time::timeout(MESSAGE_TIMEOUT, self.rx.message()).await {
+                Ok(Ok(Some(pb::ServerMessage {
+                    kind: Some(Out::Assign(assign)),
+                }))) => {
+                    if let Ok(mut leases) = self.leases.lock() {
+                        leases.push(assign.lease_id.clone());
+                    }
+                    return assign;
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(other) => panic!("{}: stream ended before an Assign: {other:?}", self.id),
+                Err(_) => panic!("{}: no Assign within {MESSAGE_TIMEOUT:?}", self.id),
+            }
+        }
+        panic!("{}: 100 messages and no Assign", self.id);
+    }
+
+    /// Sends one message on the Connect stream; false once it is closed.
+    async fn send(&self, kind: In) -> bool {
+        self.tx
+            .send(pb::AgentMessage { kind: Some(kind) })
+            .await
+            .is_ok()
+    }
+
+    /// Uploads `bytes` as `key` under `lease`, claiming to be agent `agent`.
+    async fn upload(
+        &mut self,
+        lease: &str,
+        agent: &str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<pb::UploadReply, Status> {
+        let chunks = vec![
+            pb::UploadChunk {
+                kind: Some(pb::upload_chunk::Kind::Header(pb::UploadHeader {
+                    lease_id: lease.to_string(),
+                    key: key.to_string(),
+                    size: bytes.len() as u64,
+                    agent_id: agent.to_string(),
+                })),
+            },
+            pb::UploadChunk {
+                kind: Some(pb::upload_chunk::Kind::Data(bytes.to_vec())),
+            },
+        ];
+        self.client
+            .upload(tokio_stream::iter(chunks))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Reads the Connect stream until the server ends it; its final status
+    /// (OK when it simply ended).
+    async fn closed(&mut self) -> Status {
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        for _ in 0..100_000 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.message()).await {
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => return Status::ok("stream ended"),
+                Ok(Err(status)) => return status,
+                Err(_) => break,
+            }
+        }
+        panic!("{}: the server did not end the stream", self.id);
+    }
+}
+
+/// The connected agents' ids.
+fn connected(url: &str) -> Vec<String> {
+    let mut ids: Vec<String> = match ctl_json(url, &["agents"]) {
+        Value::Array(agents) => agents
+            .iter()
+            .filter(|a| a["connected"].as_bool().unwrap_or(true))
+            .filter_map(|a| a["id"].as_str().map(str::to_owned))
+            .collect(),
+        other => panic!("adcectl agents --json did not print an array: {other}"),
+    };
+    ids.sort();
+    ids
+}
+
+/// Messages of the server's log entries.
+fn messages(url: &str) -> Vec<String> {
+    log_entries(url, 100_000, &[])
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until `n` tasks exist, all leased.
+fn wait_leased(url: &str, n: usize) {
+    wait_until("the tasks leased", MESSAGE_TIMEOUT, POLL, || {
+        let tasks = all_tasks(url, &[]);
+        let leased = tasks.iter().filter(|t| state_of(t) == "leased").count();
+        if tasks.len() == n && leased == n {
+            Ok(())
+        } else {
+            Err(tasks)
+        }
+    });
+}
+
+#[test]
+fn uploads_only_from_the_holder_and_only_its_expected_keys() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let listen = free_addr();
+    let path = dir.write_config("adce.yaml", &config(listen, "", &["1", "2"]));
+    let server = ServerProc::start(&path, listen);
+    let url = server.url();
+    let rt = runtime();
+    let mut x = rt.block_on(RawAgent::connect(&url, "raw-x", 1)).unwrap();
+    let mut y = rt.block_on(RawAgent::connect(&url, "raw-y", 1)).unwrap();
+    let (ax, ay) = (rt.block_on(x.assign()), rt.block_on(y.assign()));
+    let (kx, ky) = (ax.expected_keys[0].clone(), ay.expected_keys[0].clone());
+    let (lx, ly) = (ax.lease_id.clone(), ay.lease_id.clone());
+    let lake = dir.join("lake");
+
+    // (a) A key of another task, under the agent's own live lease.
+    let err = rt.block_on(x.upload(&lx, "raw-x", &ky, b"{}")).unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not an expected object"), "{err:?}");
+    // (b) Keys that leave the lake or are not normalized.
+    for key in [
+        "../escape",
+        "/abs",
+        "a\\b",
+        "feed/\u{1b}1.json",
+        "feed//1.json",
+    ] {
+        let err = rt.block_on(x.upload(&lx, "raw-x", key, b"{}")).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{key:?}: {err:?}");
+    }
+    // (c) The right key and lease from an agent that does not hold it, and
+    // the holder's lease claimed by another agent id.
+    let err = rt.block_on(y.upload(&lx, "raw-y", &kx, b"{}")).unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        err.message(),
+        format!("lease {lx} is not held by agent raw-y")
+    );
+    let err = rt.block_on(x.upload(&ly, "raw-x", &ky, b"{}")).unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = rt
+        .block_on(x.upload(&lx, "someone-else", &kx, b"{}"))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    assert_eq!(
+        files_under(&lake),
+        Vec::<String>::new(),
+        "nothing reached the lake"
+    );
+    assert!(!dir.join("escape").exists() && !dir.join("abs").exists());
+    let refused = messages(&url);
+    assert!(
+        !refused.iter().any(|m| m.starts_with("uploaded")),
+        "{refused:?}"
+    );
+
+    // The holder's own key under its lease is accepted: the refusals above
+    // were the rules, not a broken upload path.
+    let reply = rt.block_on(x.upload(&lx, "raw-x", &kx, b"{}")).unwrap();
+    assert_eq!(reply.size, 2);
+    assert_eq!(files_under(&lake), vec![kx.clone()]);
+}
+
+#[test]
+fn results_and_log_lines_for_a_lease_not_held_are_dropped() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let listen = free_addr();
+    let path = dir.write_config("adce.yaml", &config(listen, "", &["1", "2"]));
+    let server = ServerProc::start(&path, listen);
+    let url = server.url();
+    let rt = runtime();
+    let mut x = rt.block_on(RawAgent::connect(&url, "raw-x", 1)).unwrap();
+    let mut y = rt.block_on(RawAgent::connect(&url, "raw-y", 1)).unwrap();
+    let (ax, ay) = (rt.block_on(x.assign()), rt.block_on(y.assign()));
+    wait_leased(&url, 2);
+
+    // y writes into x's live lease: a log line and a successful result.
+    let line = |lease: &str, text: &str| {
+        In::LogLines(pb::LogLines {
+            lease_id: lease.to_string(),
+            lines: vec![pb::LogLine {
+                stream: pb::OutputStream::Stdout as i32,
+                text: text.to_string(),
+                unix_ms: 0,
+            }],
+        })
+    };
+    assert!(rt.block_on(y.send(line(&ax.lease_id, "forged-line-for-x"))));
+    assert!(rt.block_on(y.send(In::Result(pb::TaskResult {
+        lease_id: ax.lease_id.clone(),
+        outcome: pb::Outcome::Exited as i32,
+        exit_code: 0,
+        message: "forged".into(),
+        ..Default::default()
+    }))));
+    // Then a line of its own lease: once that one is stored, the forged one
+    // (earlier on the same stream) was handled.
+    assert!(rt.block_on(y.send(line(&ay.lease_id, "own-line-of-y"))));
+    let logged = wait_until(
+        "y's own line and the refused result",
+        MESSAGE_TIMEOUT,
+        POLL,
+        || {
+            let messages = messages(&url);
+            let own = messages.iter().any(|m| m == "own-line-of-y");
+            let refused = messages
+                .iter()
+                .any(|m| m.starts_with(&format!("result for lease {} refused", ax.lease_id)));
+            if own && refused {
+                Ok(messages)
+            } else {
+                Err(messages)
+            }
+        },
+    );
+    assert!(
+        !logged.iter().any(|m| m.contains("forged-line-for-x")),
+        "a line for a lease y does not hold was stored: {logged:?}"
+    );
+    // x's task is still leased to x: the forged result changed nothing.
+    let tasks = all_tasks(&url, &[]);
+    let x_task = tasks
+        .iter()
+        .find(|t| task_id(t) == ax.task_id.to_string())
+        .unwrap_or_else(|| panic!("task {} missing: {tasks:?}", ax.task_id));
+    assert_eq!(state_of(x_task), "leased", "{x_task:#}");
+    assert_eq!(x_task["attempts"], 1, "{x_task:#}");
+    // The holder's own line is stored (the rule, not a broken log path).
+    assert!(rt.block_on(x.send(line(&ax.lease_id, "own-line-of-x"))));
+    wait_until("x's own line", MESSAGE_TIMEOUT, POLL, || {
+        let messages = messages(&url);
+        if messages.iter().any(|m| m == "own-line-of-x") {
+            Ok(())
+        } else {
+            Err(messages)
+        }
+    });
+}
+
+/// A server with two tasks, a hand-made agent holding one and a real agent
+/// running the other (held by the `hold` file); `attack` misbehaves on the
+/// hand-made agent's stream. Then the hand-made agent must be cut off with
+/// one of `codes` and an error naming it, the real agent must stay
+/// connected, and both tasks must end done: the real one's, and the
+/// hand-made one's after its lease was lost.
+fn only_the_offender_is_cut_off(
+    attack: impl FnOnce(&tokio::runtime::Runtime, &RawAgent, &pb::Assign),
+    codes: &[Code],
+) {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let hold = dir.write("hold", "");
+    let listen = free_addr();
+    let path = dir.write_config("adce.yaml", &config(listen, "", &["1", "2"]));
+    let server = ServerProc::start(&path, listen);
+    let url = server.url();
+    let rt = runtime();
+    let mut raw = rt.block_on(RawAgent::connect(&url, "raw", 1)).unwrap();
+    let assign = rt.block_on(raw.assign());
+    let _good = AgentProc::start(&url, "good", 1, &[], dir.path());
+    wait_leased(&url, 2);
+
+    attack(&rt, &raw, &assign);
+    let status = rt.block_on(raw.closed());
+    assert!(
+        codes.contains(&status.code()),
+        "expected one of {codes:?}, got {status:?}"
+    );
+    assert_eq!(connected(&url), vec!["good".to_string()]);
+    let cut = log_entries(&url, 100_000, &[]).into_iter().find(|e| {
+        e["level"] == "error"
+            && e["agent_id"] == "raw"
+            && e["message"].as_str().is_some_and(|m| m.contains("cut off"))
+    });
+    assert!(
+        cut.is_some(),
+        "no error event naming the agent: {:?}",
+        messages(&url)
+    );
+
+    // The real agent finishes its task, then the lost lease's task too.
+    if let Err(e) = std::fs::remove_file(&hold) {
+        panic!("cannot remove {}: {e}", hold.display());
+    }
+    wait_until("both tasks done", DONE_TIMEOUT, POLL, || {
+        let tasks = all_tasks(&url, &[]);
+        let done = tasks.iter().filter(|t| state_of(t) == "done").count();
+        if tasks.len() == 2 && done == 2 {
+            Ok(())
+        } else {
+            Err(tasks)
+        }
+    });
+    let detail = ctl_json(&url, &["task", &assign.task_id.to_string()]);
+    let attempts = detail["attempts"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        attempts.first().map(|a| &a["agent_id"]),
+        Some(&Value::from("raw")),
+        "{detail:#}"
+    );
+    assert_eq!(
+        attempts.first().map(|a| &a["outcome"]),
+        Some(&Value::from("lost")),
+        "{detail:#}"
+    );
+    assert_eq!(
+        attempts.last().map(|a| &a["agent_id"]),
+        Some(&Value::from("good")),
+        "{detail:#}"
+    );
+    assert!(
+        dir.join(format!("lake/{}", assign.expected_keys[0]))
+            .is_file()
+    );
+}
+
+#[test]
+fn a_100mb_log_line_ends_only_the_senders_stream() {
+    only_the_offender_is_cut_off(
+        |rt, raw, assign| {
+            let huge = In::LogLines(pb::LogLines {
+                lease_id: assign.lease_id.clone(),
+                lines: vec![pb::LogLine {
+                    stream: pb::OutputStream::Stdout as i32,
+                    text: "x".repeat(HUGE_LINE_BYTES),
+                    unix_ms: 0,
+                }],
+            });
+            // The send may fail once the server has closed the stream.
+            let _ = rt.block_on(raw.send(huge));
+        },
+        &[Code::ResourceExhausted],
+    );
+}
+
+#[test]
+fn a_flooding_agent_is_cut_off_and_the_others_keep_working() {
+    only_the_offender_is_cut_off(
+        |rt, raw, assign| {
+            let beat = In::Heartbeat(pb::Heartbeat {
+                running_leases: vec![assign.lease_id.clone()],
+            });
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..FLOOD_MESSAGES {
+                    if started.elapsed() > FLOOD_FOR || !raw.send(beat.clone()).await {
+                        break;
+                    }
+                }
+            });
+        },
+        &[Code::ResourceExhausted],
+    );
+}
+
+#[test]
+fn max_agents_refuses_the_next_new_agent() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let listen = free_addr();
+    let path = dir.write_config("adce.yaml", &config(listen, "  max_agents: 2\n", &["1"]));
+    let server = ServerProc::start(&path, listen);
+    let url = server.url();
+    let rt = runtime();
+    let _a = rt.block_on(RawAgent::connect(&url, "raw-a", 1)).unwrap();
+    let _b = rt.block_on(RawAgent::connect(&url, "raw-b", 1)).unwrap();
+    let refused = rt.block_on(RawAgent::connect(&url, "raw-c", 1));
+    let err = refused
+        .err()
+        .unwrap_or_else(|| panic!("a third agent was admitted"));
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("max_agents"), "{err:?}");
+    // A reconnect of a connected agent does not count twice.
+    let _a_again = rt.block_on(RawAgent::connect(&url, "raw-a", 1)).unwrap();
+    assert_eq!(
+        connected(&url),
+        vec!["raw-a".to_string(), "raw-b".to_string()]
+    );
+    let refusal = messages(&url);
+    assert!(
+        refusal.iter().any(|m| m.starts_with("agent refused")),
+        "{refusal:?}"
+    );
+}
