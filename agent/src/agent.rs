@@ -1,8 +1,9 @@
 //! The agent core: one task that owns the connection state machine, the
 //! running tasks and the outbox. It turns server messages into runner tasks
 //! and cancellations, forwards runner events and results (queueing them
-//! while disconnected), heartbeats, and decides when `run` returns (drain
-//! finished or shutdown).
+//! while disconnected), heartbeats, refuses (OUTCOME_REFUSED) assignments
+//! that arrive while it drains or closes, and decides when `run` returns
+//! (drain finished, shutdown, or the server refused the agent's token).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,12 +18,11 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tracing::Instrument as _;
 
 use crate::Error;
 use crate::backoff::BackoffPolicy;
-use crate::connection::{ConnEvent, ConnState};
+use crate::connection::{ConnEvent, ConnState, Dialer};
 use crate::outbox::{MAX_CHATTER_BYTES, Outbox};
 use crate::runner::{RunnerContext, TaskEvent, TaskSpec, run_task};
 use crate::upload::GrpcUploader;
@@ -33,6 +33,14 @@ const EVENT_CHANNEL_CAPACITY: usize = 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a closing session waits for the server to end the stream.
 pub const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after telling the server it drains the agent keeps its session
+/// open, so that an assignment that crossed the Draining message can still
+/// be answered with OUTCOME_REFUSED (instead of waiting on the server for
+/// its lease to expire). Only an agent that drains within this time of
+/// asking to waits for it.
+pub const DRAIN_LINGER: Duration = Duration::from_millis(500);
+/// The message of OUTCOME_REFUSED results.
+pub const REFUSED_MESSAGE: &str = "agent is draining";
 
 /// Who the agent is, as told in Hello.
 #[derive(Debug, Clone)]
@@ -61,7 +69,7 @@ enum Wake {
 /// The agent core's state; see the module doc.
 pub(crate) struct Agent {
     identity: Identity,
-    endpoint: Endpoint,
+    dialer: Dialer,
     reconnect: BackoffPolicy,
     ctx: Arc<RunnerContext>,
     uploader: Arc<GrpcUploader>,
@@ -72,6 +80,9 @@ pub(crate) struct Agent {
     join_leases: HashMap<tokio::task::Id, String>,
     outbox: Outbox,
     draining: bool,
+    /// When the agent told the server it drains (it keeps the session open
+    /// until [`DRAIN_LINGER`] after that).
+    draining_sent: Option<Instant>,
     conn: ConnState,
     failures: u32,
 }
@@ -79,17 +90,17 @@ pub(crate) struct Agent {
 impl Agent {
     pub(crate) fn new(
         identity: Identity,
-        endpoint: Endpoint,
+        dialer: Dialer,
         reconnect: BackoffPolicy,
         ctx: RunnerContext,
         uploader: GrpcUploader,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let hello = hello(&identity, Vec::new());
-        let conn = ConnState::connecting(endpoint.clone(), hello);
+        let conn = ConnState::connecting(dialer.clone(), hello);
         Self {
             identity,
-            endpoint,
+            dialer,
             reconnect,
             ctx: Arc::new(ctx),
             uploader: Arc::new(uploader),
@@ -100,13 +111,15 @@ impl Agent {
             join_leases: HashMap::new(),
             outbox: Outbox::new(MAX_CHATTER_BYTES),
             draining: false,
+            draining_sent: None,
             conn,
             failures: 0,
         }
     }
 
     /// Runs until drained (the server's Drain, or `drain` cancelled) or
-    /// `shutdown` is cancelled.
+    /// `shutdown` is cancelled; fails when the server refuses the agent's
+    /// token (running tasks are killed first).
     pub(crate) async fn run(
         mut self,
         drain: CancellationToken,
@@ -136,6 +149,7 @@ impl Agent {
                         "draining: finishing running tasks, taking no new ones"
                     );
                     self.draining = true;
+                    self.draining_sent = Some(Instant::now());
                     self.outbox.push(AgentMessage {
                         kind: Some(agent_message::Kind::Draining(Draining {
                             reason: "agent is stopping".into(),
@@ -145,7 +159,11 @@ impl Agent {
                 Wake::Joined(Some(joined)) => self.task_joined(joined),
                 Wake::Joined(None) | Wake::Event(None) => {}
                 Wake::Event(Some(event)) => self.outbox.push(event_message(event)),
-                Wake::Conn(event) => self.on_conn_event(event),
+                Wake::Conn(event) => {
+                    if let Some(fatal) = self.on_conn_event(event) {
+                        return self.fail(fatal).await;
+                    }
+                }
             }
             self.flush();
         }
@@ -175,7 +193,9 @@ impl Agent {
         leases
     }
 
-    fn on_conn_event(&mut self, event: ConnEvent) {
+    /// Acts on a connection event; returns the error that ends the agent
+    /// when the server refused its token.
+    fn on_conn_event(&mut self, event: ConnEvent) -> Option<Error> {
         match event {
             ConnEvent::Established(session) => {
                 tracing::info!(
@@ -190,26 +210,50 @@ impl Agent {
                 self.conn = ConnState::Connected(session);
             }
             ConnEvent::Failed(error) => {
+                if let Some(fatal) = error.token_refused() {
+                    return Some(fatal);
+                }
                 let delay = self.reconnect.delay(self.failures);
                 self.failures = self.failures.saturating_add(1);
-                tracing::warn!(
-                    agent = %self.identity.agent_id,
-                    error = %error_chain(&error),
-                    attempt = self.failures,
-                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    "cannot connect to the server"
-                );
+                let chain = error_chain(&error);
+                let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                if self.dialer.uses_tls() && is_tls_failure(&chain) {
+                    tracing::warn!(
+                        agent = %self.identity.agent_id,
+                        error = %chain,
+                        attempt = self.failures,
+                        retry_in_ms,
+                        "TLS handshake with the server failed: check --ca-file, --cert-file, --key-file and --tls-name"
+                    );
+                } else {
+                    tracing::warn!(
+                        agent = %self.identity.agent_id,
+                        error = %chain,
+                        attempt = self.failures,
+                        retry_in_ms,
+                        "cannot connect to the server"
+                    );
+                }
                 self.conn = ConnState::backoff(delay);
             }
             ConnEvent::Retry => {
                 let hello = hello(&self.identity, self.held_leases());
-                self.conn = ConnState::connecting(self.endpoint.clone(), hello);
+                self.conn = ConnState::connecting(self.dialer.clone(), hello);
             }
             ConnEvent::Message(message) => self.on_server_message(message),
-            ConnEvent::Closed(status) => self.session_lost(status),
+            ConnEvent::Closed(status) => {
+                if let Some(fatal) = status
+                    .as_ref()
+                    .and_then(|status| Error::Status(status.clone()).token_refused())
+                {
+                    return Some(fatal);
+                }
+                self.session_lost(status);
+            }
             ConnEvent::HeartbeatDue => self.heartbeat(),
             ConnEvent::Writable => {}
         }
+        None
     }
 
     /// The session broke: keep recent results for the next one and back off.
@@ -297,9 +341,12 @@ impl Agent {
             tracing::warn!(lease = %lease_id, "assignment for a lease already running ignored");
             return;
         }
-        let refusal = if self.draining {
-            Some("agent is draining and takes no new tasks".to_owned())
-        } else if self.running.len() >= self.identity.slots as usize {
+        if self.draining {
+            tracing::info!(lease = %lease_id, task = assign.task_id, "assignment refused: the agent is draining");
+            self.outbox.push(result_message(refused(lease_id)));
+            return;
+        }
+        let refusal = if self.running.len() >= self.identity.slots as usize {
             Some(format!(
                 "agent already runs {} tasks, its slot limit",
                 self.identity.slots
@@ -413,12 +460,44 @@ impl Agent {
         }
     }
 
-    /// Closes the session, if any, letting queued messages go out.
+    /// Closes the session, if any, letting queued messages go out. Until
+    /// [`DRAIN_LINGER`] after the agent said it drains, and for every
+    /// assignment already received, the session stays open so that each
+    /// assignment the agent will not run is answered with OUTCOME_REFUSED.
     async fn close_session(&mut self) {
         let conn = std::mem::replace(&mut self.conn, ConnState::Closed);
         if let ConnState::Connected(session) = conn {
-            (*session).close(SESSION_CLOSE_TIMEOUT).await;
+            let linger_until = self
+                .draining_sent
+                .map_or_else(Instant::now, |sent| sent + DRAIN_LINGER);
+            (*session)
+                .close(linger_until, SESSION_CLOSE_TIMEOUT, |message| {
+                    match &message.kind {
+                        Some(server_message::Kind::Assign(assign)) => {
+                            tracing::info!(lease = %assign.lease_id, task = assign.task_id, "assignment refused while closing: the agent is draining");
+                            Some(result_message(refused(assign.lease_id.clone())))
+                        }
+                        _ => {
+                            tracing::debug!(?message, "server message ignored while closing");
+                            None
+                        }
+                    }
+                })
+                .await;
         }
+    }
+
+    /// The server refused the agent's token: kill every task, report what
+    /// can still be reported, and fail with `error`.
+    async fn fail(mut self, error: Error) -> Result<(), Error> {
+        tracing::error!(
+            agent = %self.identity.agent_id,
+            %error,
+            running = self.running.len(),
+            "stopping: the server refused the agent's token"
+        );
+        self.stop_tasks().await;
+        Err(error)
     }
 
     /// Kills every task, reports what can still be reported, and returns.
@@ -428,6 +507,13 @@ impl Agent {
             running = self.running.len(),
             "shutting down: killing running tasks"
         );
+        self.stop_tasks().await;
+        Ok(())
+    }
+
+    /// Kills every task, waits (bounded) for their results and hands what it
+    /// can to the server before closing the session.
+    async fn stop_tasks(&mut self) {
         for running in self.running.values() {
             running.cancel.cancel();
         }
@@ -458,8 +544,31 @@ impl Agent {
                 "results not delivered before shutdown"
             );
         }
-        Ok(())
     }
+}
+
+/// The answer to an assignment the agent does not start because it drains:
+/// nothing ran, and the server re-queues the task without counting an
+/// attempt.
+fn refused(lease_id: String) -> TaskResult {
+    TaskResult {
+        lease_id,
+        outcome: Outcome::Refused.into(),
+        message: REFUSED_MESSAGE.to_owned(),
+        ..TaskResult::default()
+    }
+}
+
+/// Whether a failed connection attempt failed in its TLS handshake
+/// (certificate not trusted, wrong name, client certificate refused), going
+/// by the error chain's words: rustls' errors reach the agent only as text
+/// inside transport errors (or inside an `Unknown` status when the server
+/// rejected the client certificate after the handshake looked done).
+fn is_tls_failure(chain: &str) -> bool {
+    let chain = chain.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "alert"]
+        .iter()
+        .any(|word| chain.contains(word))
 }
 
 fn hello(identity: &Identity, running_leases: Vec<String>) -> Hello {
@@ -501,4 +610,30 @@ fn error_chain(error: &Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_failures_are_recognised_by_their_chain() {
+        assert!(is_tls_failure(
+            "server returned Unknown: transport error: received fatal alert: CertificateRequired"
+        ));
+        assert!(is_tls_failure(
+            "cannot reach the server: invalid peer certificate: UnknownIssuer"
+        ));
+        assert!(!is_tls_failure(
+            "cannot reach the server: tcp connect error: Connection refused (os error 111)"
+        ));
+    }
+
+    #[test]
+    fn a_refusal_says_the_agent_drains_and_counts_no_attempt() {
+        let result = refused("L1".into());
+        assert_eq!(result.outcome(), Outcome::Refused);
+        assert_eq!(result.message, REFUSED_MESSAGE);
+        assert_eq!(result.lease_id, "L1");
+    }
 }

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use adce_proto::dial::{AuthChannel, Bearer, ClientSecurity};
 use adce_proto::v1::agent_gateway_client::AgentGatewayClient;
 use adce_proto::v1::{AgentMessage, Hello, ServerMessage, Welcome, agent_message, server_message};
 use tokio::sync::mpsc;
@@ -15,6 +16,7 @@ use tokio::time::{Instant, Interval, Sleep};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Endpoint;
 
 use crate::Error;
@@ -34,18 +36,49 @@ pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
 /// Messages queued towards the server before the agent keeps them itself.
 const OUTBOUND_CAPACITY: usize = 256;
 
-/// Builds the endpoint for `server` with keepalive and a connect timeout.
-pub fn endpoint(server: &str) -> Result<Endpoint, Error> {
-    let endpoint =
-        Endpoint::from_shared(server.to_owned()).map_err(|source| Error::InvalidServer {
-            address: server.to_owned(),
-            source,
-        })?;
-    Ok(endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true))
+/// How the agent reaches the server: the endpoint (TLS settings from
+/// [`ClientSecurity`], keepalive, connect timeout) and the bearer token that
+/// every call — the `Connect` stream and each upload — carries. Its Debug
+/// never shows the token.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    endpoint: Endpoint,
+    bearer: Bearer,
+    tls: bool,
+}
+
+impl Dialer {
+    /// The dialer for `server` with `security`'s token and TLS files (read
+    /// now, so a missing file is an error at start).
+    pub fn new(server: &str, security: &ClientSecurity) -> Result<Self, Error> {
+        let endpoint = security
+            .endpoint(server)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        Ok(Self {
+            endpoint,
+            bearer: security.bearer()?,
+            tls: security.uses_tls(server),
+        })
+    }
+
+    /// Whether calls go over TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Connects now.
+    pub async fn connect(&self) -> Result<AuthChannel, Error> {
+        let channel = self.endpoint.connect().await?;
+        Ok(InterceptedService::new(channel, self.bearer.clone()))
+    }
+
+    /// A channel that connects on first use and reconnects by itself.
+    pub fn connect_lazy(&self) -> AuthChannel {
+        InterceptedService::new(self.endpoint.connect_lazy(), self.bearer.clone())
+    }
 }
 
 /// A live `Connect` stream after Welcome.
@@ -59,17 +92,55 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Ends the request stream and waits (bounded) for the server to end its
-    /// side, so that messages already queued are delivered.
-    pub(crate) async fn close(self, timeout: Duration) {
+    /// Closes the session in two steps. First, while the request stream is
+    /// still open — until `linger_until`, and in any case for every server
+    /// message already received — each server message goes to `answer`, and
+    /// the reply it returns (e.g. a refusal of a late assignment) is sent.
+    /// Then the request stream ends and the server's remaining messages are
+    /// read (bounded by `timeout`) so that what was queued is delivered.
+    pub(crate) async fn close(
+        self,
+        linger_until: Instant,
+        timeout: Duration,
+        mut answer: impl FnMut(&ServerMessage) -> Option<AgentMessage>,
+    ) {
         let Session {
             outbound, inbound, ..
         } = self;
-        drop(outbound);
         let mut inbound = inbound;
+        // A server that never stops sending cannot hold the agent here.
+        let give_up = linger_until.max(Instant::now()) + timeout;
+        // `timeout_at` polls the stream before its deadline, so messages
+        // that already arrived are answered even when the deadline passed.
+        while let Ok(next) = tokio::time::timeout_at(linger_until, inbound.next()).await {
+            if Instant::now() >= give_up {
+                break;
+            }
+            let Some(Ok(message)) = next else {
+                // The server ended the session: nothing more can be sent.
+                return;
+            };
+            if let Some(reply) = answer(&message) {
+                match tokio::time::timeout(timeout, outbound.send(reply)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::warn!("outbound queue stayed full while closing, reply dropped")
+                    }
+                }
+            }
+        }
+        drop(outbound);
         let drained = tokio::time::timeout(timeout, async {
             while let Some(Ok(message)) = inbound.next().await {
-                tracing::debug!(?message, "server message ignored while closing");
+                match &message.kind {
+                    Some(server_message::Kind::Assign(assign)) => tracing::warn!(
+                        lease = %assign.lease_id,
+                        task = assign.task_id,
+                        "assignment arrived after the agent ended its stream; the server re-queues it when its lease expires"
+                    ),
+                    _ => tracing::debug!(?message, "server message ignored while closing"),
+                }
             }
         })
         .await;
@@ -90,8 +161,8 @@ pub(crate) fn heartbeat_interval(welcome: &Welcome) -> Duration {
 
 /// Opens a session: connects, sends `hello` first on a new `Connect`
 /// stream and waits for the server's Welcome.
-pub(crate) async fn establish(endpoint: Endpoint, hello: Hello) -> Result<Session, Error> {
-    let channel = endpoint.connect().await?;
+pub(crate) async fn establish(dialer: Dialer, hello: Hello) -> Result<Session, Error> {
+    let channel = dialer.connect().await?;
     let (outbound, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
     outbound
         .send(AgentMessage {
@@ -170,8 +241,8 @@ pub(crate) enum ConnEvent {
 
 impl ConnState {
     /// A fresh attempt with `hello`.
-    pub(crate) fn connecting(endpoint: Endpoint, hello: Hello) -> Self {
-        ConnState::Connecting(Box::pin(establish(endpoint, hello)))
+    pub(crate) fn connecting(dialer: Dialer, hello: Hello) -> Self {
+        ConnState::Connecting(Box::pin(establish(dialer, hello)))
     }
 
     /// A wait of `delay` before the next attempt.
@@ -239,8 +310,28 @@ mod tests {
 
     #[test]
     fn bad_server_addresses_are_rejected() {
-        let error = endpoint("not a uri").expect_err("invalid");
-        assert_eq!(error.to_string(), "invalid server address `not a uri`");
-        assert!(endpoint("http://127.0.0.1:7070").is_ok());
+        let security = ClientSecurity::default();
+        let error = Dialer::new("not a uri", &security).expect_err("invalid");
+        assert!(
+            error
+                .to_string()
+                .starts_with("invalid server address \"not a uri\""),
+            "{error}"
+        );
+        assert!(Dialer::new("http://127.0.0.1:7070", &security).is_ok());
+    }
+
+    #[test]
+    fn tls_follows_the_security_settings_and_debug_hides_the_token() -> Result<(), Error> {
+        let security = ClientSecurity {
+            token: Some("s3cret-token".into()),
+            ..ClientSecurity::default()
+        };
+        let plain = Dialer::new("http://127.0.0.1:7070", &security)?;
+        assert!(!plain.uses_tls());
+        assert!(!format!("{plain:?}").contains("s3cret"));
+        let tls = Dialer::new("https://127.0.0.1:7070", &security)?;
+        assert!(tls.uses_tls());
+        Ok(())
     }
 }

@@ -1,5 +1,6 @@
-//! The crate's one error type: invalid options and labels, connection and
-//! protocol failures, and the classified upload failures the runner acts on.
+//! The crate's one error type: invalid options and labels, connection,
+//! credential and protocol failures, refused commands, and the classified
+//! upload failures the runner acts on.
 
 use std::path::PathBuf;
 
@@ -9,14 +10,32 @@ pub enum Error {
     /// The options given to [`crate::run`] cannot work.
     #[error("invalid agent options: {0}")]
     InvalidOptions(String),
-    /// The server address is not a valid URI.
-    #[error("invalid server address `{address}`")]
-    InvalidServer {
-        /// The address as given.
-        address: String,
-        /// Why it does not parse.
-        #[source]
-        source: tonic::transport::Error,
+    /// The client settings (server address, token, TLS files) cannot be
+    /// used to dial the server.
+    #[error(transparent)]
+    Dial(#[from] adce_proto::dial::DialError),
+    /// The server refused the agent's credentials (UNAUTHENTICATED or
+    /// PERMISSION_DENIED): retrying cannot help.
+    #[error("the server refused the agent's token: {code:?}: {message}")]
+    TokenRefused {
+        /// The status code.
+        code: tonic::Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The program of an assignment is outside `--allow-command`.
+    #[error(
+        "command {program} is not allowed on this host{} (--allow-command {allowed})",
+        .reason.as_ref().map(|reason| format!(": {reason}")).unwrap_or_default()
+    )]
+    CommandNotAllowed {
+        /// The resolved program, or the program as given when it cannot
+        /// be resolved.
+        program: String,
+        /// Why it could not be resolved, if so.
+        reason: Option<String>,
+        /// The allowed prefixes.
+        allowed: String,
     },
     /// A `--labels` value is not a comma-separated list of `key=value` pairs.
     #[error("invalid label `{label}`: {reason}")]
@@ -86,6 +105,25 @@ impl Error {
             | Code::DeadlineExceeded
             | Code::Aborted => Error::UploadTransient(format!("{:?}: {message}", status.code())),
             code => Error::UploadFailed(format!("{code:?}: {message}")),
+        }
+    }
+
+    /// A refusal of the agent's credentials, from the status that ended (or
+    /// refused) a `Connect` call.
+    pub fn token_refused(&self) -> Option<Error> {
+        match self {
+            Error::Status(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                Some(Error::TokenRefused {
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                })
+            }
+            _ => None,
         }
     }
 

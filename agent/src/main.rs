@@ -7,7 +7,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use adce_agent::{AgentOptions, BackoffPolicy, default_agent_id, default_work_dir, parse_labels};
+use adce_agent::{
+    AgentOptions, AllowList, BackoffPolicy, ClientSecurity, default_agent_id, default_work_dir,
+    parse_labels,
+};
+use adce_proto::dial::resolve_token;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
@@ -18,12 +22,57 @@ mod notify;
 
 /// Runs adce scrapers for an adce server: connects, takes assignments,
 /// uploads what the scrapers write and reports each result.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "adce-agent", version, about, long_about = None)]
 struct Cli {
-    /// Address of the adce server's gRPC endpoint.
+    /// Address of the adce server's gRPC endpoint (`https://` for TLS).
     #[arg(long, env = "ADCE_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
+    /// Bearer token sent with every call; prefer --token-file or the
+    /// environment, a flag shows in the process list.
+    #[arg(long, env = "ADCE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// File holding the bearer token (surrounding whitespace ignored);
+    /// --token wins when both are given.
+    #[arg(long, env = "ADCE_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the server's certificate must chain to; turns
+    /// TLS on [default with https://: the system's roots].
+    #[arg(long, env = "ADCE_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate for servers that require one (mTLS); needs
+    /// --key-file.
+    #[arg(
+        long,
+        env = "ADCE_CERT_FILE",
+        value_name = "FILE",
+        requires = "key_file"
+    )]
+    cert_file: Option<PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(
+        long,
+        env = "ADCE_KEY_FILE",
+        value_name = "FILE",
+        requires = "cert_file"
+    )]
+    key_file: Option<PathBuf>,
+    /// Name the server's certificate must carry, when it differs from the
+    /// host in --server; turns TLS on.
+    #[arg(long, env = "ADCE_TLS_NAME", value_name = "NAME")]
+    tls_name: Option<String>,
+    /// Run only programs under this absolute path prefix (repeatable; in the
+    /// environment colon-separated like PATH). The program is resolved as the
+    /// spawn would (PATH lookup, symlinks and `..` resolved) and matched by
+    /// whole path components; a prefix naming a file allows that file.
+    /// Other assignments fail without running [default: every program].
+    #[arg(
+        long = "allow-command",
+        env = "ADCE_ALLOW_COMMAND",
+        value_name = "PREFIX",
+        value_delimiter = ':'
+    )]
+    allow_command: Vec<PathBuf>,
     /// How many tasks run at once.
     #[arg(long, env = "ADCE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     slots: u32,
@@ -39,6 +88,27 @@ struct Cli {
     /// Log line format on stderr; filter with RUST_LOG (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// Every flag but the token, which shows as `<redacted>`.
+impl std::fmt::Debug for Cli {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cli")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("tls_name", &self.tls_name)
+            .field("allow_command", &self.allow_command)
+            .field("slots", &self.slots)
+            .field("labels", &self.labels)
+            .field("id", &self.id)
+            .field("work_dir", &self.work_dir)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
 }
 
 /// Parsed `--labels`.
@@ -109,8 +179,17 @@ fn watch_signals(drain: CancellationToken, shutdown: CancellationToken) -> anyho
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let agent_id = cli.id.unwrap_or_else(default_agent_id);
     let work_dir = cli.work_dir.unwrap_or_else(|| default_work_dir(&agent_id));
+    let token = resolve_token(cli.token, cli.token_file.as_deref())?;
     let options = AgentOptions {
         server: cli.server,
+        security: ClientSecurity {
+            token,
+            ca_file: cli.ca_file,
+            cert_file: cli.cert_file,
+            key_file: cli.key_file,
+            tls_name: cli.tls_name,
+        },
+        allow: AllowList::new(cli.allow_command)?,
         agent_id: Some(agent_id),
         slots: cli.slots,
         labels: cli.labels.map(|labels| labels.0).unwrap_or_default(),
@@ -186,5 +265,45 @@ mod tests {
         );
         let error = Cli::try_parse_from(["adce-agent", "--slots", "0"]).expect_err("zero slots");
         assert!(error.to_string().contains("--slots"), "{error}");
+    }
+
+    #[test]
+    fn security_and_allow_flags_parse_and_debug_hides_the_token() {
+        let cli = Cli::try_parse_from([
+            "adce-agent",
+            "--token",
+            "s3cret-token",
+            "--ca-file",
+            "/etc/adce/ca.pem",
+            "--cert-file",
+            "/etc/adce/agent.pem",
+            "--key-file",
+            "/etc/adce/agent.key",
+            "--tls-name",
+            "adce.internal",
+            "--allow-command",
+            "/opt/scrapers/",
+            "--allow-command",
+            "/usr/local/bin:/srv/bin",
+        ])
+        .expect("valid flags");
+        assert_eq!(cli.token.as_deref(), Some("s3cret-token"));
+        assert_eq!(cli.tls_name.as_deref(), Some("adce.internal"));
+        assert_eq!(
+            cli.allow_command,
+            [
+                PathBuf::from("/opt/scrapers/"),
+                PathBuf::from("/usr/local/bin"),
+                PathBuf::from("/srv/bin"),
+            ]
+        );
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+
+        // A client certificate needs its key and the other way round.
+        let error = Cli::try_parse_from(["adce-agent", "--cert-file", "/c.pem"])
+            .expect_err("certificate without key");
+        assert!(error.to_string().contains("--key-file"), "{error}");
     }
 }

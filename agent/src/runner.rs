@@ -1,12 +1,13 @@
-//! Running one assignment: prepares the task's output directory, spawns the
-//! scraper without a shell in its own process group with a clean
-//! environment, forwards its output as batched events, enforces the timeout
-//! and cancellation by killing the whole group, uploads what it wrote and
-//! builds the [`TaskResult`]. Knows nothing about the connection: events go
-//! into an mpsc channel and uploads through an [`Uploader`].
+//! Running one assignment: prepares the task's output directory, checks the
+//! program against the host's allowlist, spawns the scraper without a shell
+//! in its own process group with a clean environment, forwards its output as
+//! batched events, enforces the timeout and cancellation by killing the whole
+//! group, uploads what it wrote and builds the [`TaskResult`]. Knows nothing
+//! about the connection: events go into an mpsc channel and uploads through
+//! an [`Uploader`].
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use crate::allow::AllowList;
 use crate::collect::collect_outputs;
 use crate::output::{self, parse_progress, read_lines};
 use crate::upload::{UploadRetry, Uploader, upload_all};
@@ -173,6 +175,8 @@ pub struct RunnerContext {
     pub base_env: Vec<(String, String)>,
     /// How uploads are retried.
     pub upload_retry: UploadRetry,
+    /// The programs this host allows (`--allow-command`).
+    pub allow: AllowList,
 }
 
 impl RunnerContext {
@@ -396,14 +400,40 @@ async fn execute<U: Uploader>(
         result.message = "argv is empty".into();
         return;
     };
-    let mut command = Command::new(program);
+    let env = child_env(&ctx.base_env, &spec.env, out_dir);
+    // Scratch files a scraper writes in its working directory are removed
+    // with the task directory.
+    let cwd = out_dir.parent().unwrap_or(out_dir);
+    let executable = match ctx.allow.check(
+        program,
+        env.get(OsStr::new("PATH")).map(OsString::as_os_str),
+        cwd,
+    ) {
+        Ok(executable) => executable,
+        Err(error) => {
+            tracing::warn!(lease = %spec.lease_id, task = spec.task_id, program = %program.to_string_lossy(), %error, "command refused by --allow-command");
+            let message = error.to_string();
+            forwarder.note(message.clone());
+            result.set_outcome(Outcome::SpawnFailed);
+            result.message = bounded_message(&message);
+            return;
+        }
+    };
+    // Under an allowlist the checked real path is what runs; the program
+    // still sees argv[0] as the server rendered it.
+    let mut command = match &executable {
+        Some(path) => {
+            let mut command = Command::new(path);
+            command.arg0(program);
+            command
+        }
+        None => Command::new(program),
+    };
     command
         .args(args)
         .env_clear()
-        .envs(child_env(&ctx.base_env, &spec.env, out_dir))
-        // Scratch files a scraper writes in its working directory are
-        // removed with the task directory.
-        .current_dir(out_dir.parent().unwrap_or(out_dir))
+        .envs(env)
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

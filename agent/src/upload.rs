@@ -7,12 +7,12 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use adce_proto::dial::AuthChannel;
 use adce_proto::v1::agent_gateway_client::AgentGatewayClient;
 use adce_proto::v1::{UploadChunk, UploadHeader, upload_chunk};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::Error;
 use crate::backoff::BackoffPolicy;
@@ -54,14 +54,15 @@ pub trait Uploader: Send + Sync + 'static {
 /// Uploads through `AgentGateway.Upload` on a channel to the server.
 #[derive(Debug, Clone)]
 pub struct GrpcUploader {
-    client: AgentGatewayClient<Channel>,
+    client: AgentGatewayClient<AuthChannel>,
     agent_id: String,
 }
 
 impl GrpcUploader {
     /// An uploader over `channel` (typically a lazily connected channel that
-    /// reconnects by itself) for the agent `agent_id`, which holds the leases.
-    pub fn new(channel: Channel, agent_id: String) -> Self {
+    /// reconnects by itself, carrying the agent's token) for the agent
+    /// `agent_id`, which holds the leases.
+    pub fn new(channel: AuthChannel, agent_id: String) -> Self {
         Self {
             client: AgentGatewayClient::new(channel),
             agent_id,
@@ -74,7 +75,7 @@ impl Uploader for GrpcUploader {
         let local = |what: &str, error: std::io::Error| {
             Error::UploadFailed(format!("cannot {what} {}: {error}", path.display()))
         };
-        let file = tokio::fs::File::open(path)
+        let file = open_regular(path)
             .await
             .map_err(|error| local("open", error))?;
         let size = file
@@ -119,6 +120,25 @@ impl Uploader for GrpcUploader {
             Err(status) => Err(Error::from_upload_status(key, &status)),
         }
     }
+}
+
+/// Opens `path` for reading only if it is a regular file and not a symbolic
+/// link, so an output file swapped for a link after it was listed (by a
+/// process that outlived its scraper) is not followed out of the output
+/// directory.
+async fn open_regular(path: &Path) -> std::io::Result<tokio::fs::File> {
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .await?;
+    if !file.metadata().await?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 /// Sends exactly `size` bytes of `file` as data chunks. A file that shrank
@@ -414,6 +434,19 @@ mod tests {
             result.expect_err("short").kind(),
             std::io::ErrorKind::UnexpectedEof
         );
+    }
+
+    #[tokio::test]
+    async fn only_regular_files_are_opened_and_links_are_not_followed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("data.json");
+        std::fs::write(&file, b"{}")?;
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink("/etc/passwd", &link)?;
+        assert!(open_regular(&file).await.is_ok());
+        assert!(open_regular(&link).await.is_err());
+        assert!(open_regular(dir.path()).await.is_err());
+        Ok(())
     }
 
     #[test]

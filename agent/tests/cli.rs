@@ -1,5 +1,6 @@
 //! The real `adce-agent` binary: flag errors exit non-zero with a clear
-//! message, and SIGTERM / SIGINT stop a running agent with exit code 0.
+//! message, the token never reaches the log (even at trace level) while the
+//! allowlist does, and SIGTERM / SIGINT stop a running agent with exit code 0.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -26,6 +27,13 @@ fn agent(work_dir: &std::path::Path, server: &str) -> Command {
         .env_remove("ADCE_SERVER")
         .env_remove("ADCE_LABELS")
         .env_remove("ADCE_SLOTS")
+        .env_remove("ADCE_TOKEN")
+        .env_remove("ADCE_TOKEN_FILE")
+        .env_remove("ADCE_ALLOW_COMMAND")
+        .env_remove("ADCE_CA_FILE")
+        .env_remove("ADCE_CERT_FILE")
+        .env_remove("ADCE_KEY_FILE")
+        .env_remove("ADCE_TLS_NAME")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -108,8 +116,64 @@ async fn bad_flags_fail_with_a_clear_message() -> anyhow::Result<()> {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("invalid server address `not a uri`"),
+        stderr.contains(r#"invalid server address \"not a uri\""#),
         "{stderr}"
+    );
+
+    let output = agent(work_dir.path(), NO_SERVER)
+        .args(["--allow-command", "relative/dir"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--allow-command relative/dir: the prefix must be an absolute path"),
+        "{stderr}"
+    );
+
+    let missing = work_dir.path().join("no-such-token");
+    let output = agent(work_dir.path(), NO_SERVER)
+        .arg("--token-file")
+        .arg(&missing)
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot read token file"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_token_is_never_logged_and_the_allowlist_is() -> anyhow::Result<()> {
+    let work_dir = tempfile::tempdir()?;
+    let mut child = agent(work_dir.path(), NO_SERVER)
+        .env("ADCE_TOKEN", "s3cret-token-value")
+        .env("ADCE_ALLOW_COMMAND", "/opt/scrapers:/usr/local/bin")
+        .env("RUST_LOG", "trace")
+        .spawn()?;
+    let lines = wait_for_log(&mut child, "cannot connect to the server").await?;
+    let pid = child.id().ok_or_else(|| anyhow!("no pid"))?;
+    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM)?;
+    let status = tokio::time::timeout(WAIT, child.wait()).await??;
+    assert!(status.success(), "exit status {status:?}");
+    let all = lines.join("\n");
+    assert!(!all.contains("s3cret"), "{all}");
+
+    // `--help` names the variable but never shows its value.
+    let help = agent(work_dir.path(), NO_SERVER)
+        .env("ADCE_TOKEN", "s3cret-token-value")
+        .arg("--help")
+        .stdout(Stdio::piped())
+        .output()
+        .await?;
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("[env: ADCE_TOKEN]"), "{help}");
+    assert!(!help.contains("s3cret"), "{help}");
+    assert!(
+        all.contains("only commands under --allow-command run on this host")
+            && all.contains("/opt/scrapers, /usr/local/bin"),
+        "{all}"
     );
     Ok(())
 }

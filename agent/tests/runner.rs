@@ -1,18 +1,19 @@
 //! The runner against real subprocesses (`sh`, `printf`, `sleep`): exit codes,
 //! output forwarding, progress, the clean environment, timeouts and
-//! cancellation that kill whole process groups, spawn failures, and the
-//! collection and upload of output files (through a recording uploader).
+//! cancellation that kill whole process groups, spawn failures, the
+//! `--allow-command` list, and the collection and upload of output files
+//! (through a recording uploader).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use adce_agent::Error;
 use adce_agent::backoff::BackoffPolicy;
 use adce_agent::output::{MAX_LINE_BYTES, TRUNCATION_MARKER};
 use adce_agent::runner::{ArgPiece, RunnerContext, TaskEvent, TaskSpec, run_task};
 use adce_agent::upload::{UploadReceipt, UploadRetry, Uploader};
+use adce_agent::{AllowList, Error};
 use adce_proto::v1::{LogLine, Outcome, OutputStream, Progress, TaskResult};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +107,7 @@ fn context(work_dir: &Path) -> RunnerContext {
             },
             attempts: 2,
         },
+        allow: AllowList::everything(),
     }
 }
 
@@ -115,11 +117,19 @@ async fn run_with(
     uploader: &Recorder,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Run> {
-    let ctx = context(work_dir);
+    run_in(spec, &context(work_dir), uploader, cancel).await
+}
+
+async fn run_in(
+    spec: TaskSpec,
+    ctx: &RunnerContext,
+    uploader: &Recorder,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Run> {
     let (events, mut receiver) = mpsc::channel(4096);
     let result = tokio::time::timeout(
         TEST_DEADLINE,
-        run_task(spec, &ctx, uploader, &events, cancel),
+        run_task(spec, ctx, uploader, &events, cancel),
     )
     .await?;
     drop(events);
@@ -508,5 +518,99 @@ async fn a_failed_run_uploads_nothing_and_runs_in_its_task_dir() -> anyhow::Resu
     let cwd = run.texts(OutputStream::Stdout);
     assert_eq!(cwd.len(), 1);
     assert!(cwd[0].ends_with("/lease-1"), "scraper ran in {}", cwd[0]);
+    Ok(())
+}
+
+/// Writes an executable shell script that records its `$0` in `marker`.
+fn marking_script(path: &Path, marker: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\nprintf '%s' \"$0\" > '{}'\n", marker.display()),
+    )?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+fn path_text(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-utf8 temp path {}", path.display()))
+}
+
+#[tokio::test]
+async fn the_allowlist_runs_only_programs_under_its_prefixes() -> anyhow::Result<()> {
+    let root_dir = tempfile::tempdir()?;
+    let root = std::fs::canonicalize(root_dir.path())?;
+    let marker = root.join("ran");
+    let allowed = root.join("scrapers/ok.sh");
+    let outside = root.join("scrapers-evil/x.sh");
+    marking_script(&allowed, &marker)?;
+    marking_script(&outside, &marker)?;
+    std::os::unix::fs::symlink(&allowed, root.join("scrapers-evil/to-ok.sh"))?;
+    let work = tempfile::tempdir()?;
+    let mut ctx = context(work.path());
+    ctx.allow = AllowList::new([root.join("scrapers/")])?;
+    let recorder = Recorder::default();
+    let cancel = CancellationToken::new();
+
+    // Outside the prefix, directly or through `..`: refused, nothing runs.
+    let dotdot = root.join("scrapers/../scrapers-evil/x.sh");
+    for program in [&outside, &dotdot] {
+        let run = run_in(
+            spec(vec![text(path_text(program)?)]),
+            &ctx,
+            &recorder,
+            &cancel,
+        )
+        .await?;
+        assert_eq!(run.result.outcome(), Outcome::SpawnFailed, "{program:?}");
+        assert_eq!(
+            run.result.message,
+            format!(
+                "command {} is not allowed on this host (--allow-command {})",
+                outside.display(),
+                root.join("scrapers").display()
+            )
+        );
+        assert!(!marker.exists(), "{program:?} ran");
+        // The refusal is in the task's log too.
+        assert!(
+            run.texts(OutputStream::Unspecified)
+                .iter()
+                .any(|line| line.contains("is not allowed on this host")),
+            "{:?}",
+            run.lines
+        );
+    }
+    // A bare name is looked up in PATH, and `sh` is not under the prefix.
+    let run = run_in(spec(sh("exit 0")), &ctx, &recorder, &cancel).await?;
+    assert_eq!(run.result.outcome(), Outcome::SpawnFailed);
+    assert!(
+        run.result.message.contains("is not allowed on this host"),
+        "{}",
+        run.result.message
+    );
+
+    // Inside, even through a link from outside: it runs, and what runs is
+    // the checked real file (a script's `$0` is the path the kernel ran).
+    let via_link = root.join("scrapers-evil/to-ok.sh");
+    let run = run_in(
+        spec(vec![text(path_text(&via_link)?)]),
+        &ctx,
+        &recorder,
+        &cancel,
+    )
+    .await?;
+    assert_eq!(
+        run.result.outcome(),
+        Outcome::Exited,
+        "{}",
+        run.result.message
+    );
+    assert_eq!(run.result.exit_code, 0);
+    assert_eq!(std::fs::read_to_string(&marker)?, path_text(&allowed)?);
     Ok(())
 }

@@ -1,25 +1,34 @@
 //! `adce_agent::run` against a scripted `AgentGateway` served over real gRPC
 //! on 127.0.0.1: Hello / Welcome / heartbeats, an assignment that uploads a
-//! file, the slot limit, Cancel and Drain, a result produced while the
-//! server is unreachable (queued, then delivered after the next Welcome),
-//! and shutdown killing running process groups.
+//! file, the slot limit, Cancel and Drain, late assignments refused while
+//! draining and closing, a result produced while the server is unreachable
+//! (queued, then delivered after the next Welcome), shutdown killing running
+//! process groups, the bearer token on every call (a refused token stops the
+//! agent) and TLS with client certificates made by rcgen.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use adce_agent::{AgentOptions, BackoffPolicy};
+use adce_agent::{AgentOptions, BackoffPolicy, ClientSecurity};
+use adce_proto::v1::agent_gateway_client::AgentGatewayClient;
 use adce_proto::v1::agent_gateway_server::{AgentGateway, AgentGatewayServer};
 use adce_proto::v1::{
     AgentMessage, Arg, ArgPart, Assign, Cancel, Drain, Hello, Outcome, ServerMessage, TaskResult,
     UploadChunk, UploadReply, Welcome, agent_message, arg_part, server_message, upload_chunk,
 };
 use anyhow::{Context as _, anyhow};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Heartbeat interval the scripted server asks for.
@@ -28,6 +37,65 @@ const HEARTBEAT_MS: u64 = 100;
 const WAIT: Duration = Duration::from_secs(15);
 
 type Outbound = mpsc::UnboundedSender<Result<ServerMessage, Status>>;
+
+/// Certificates for one TLS test, made with rcgen: a CA, a server
+/// certificate for 127.0.0.1 and a client certificate signed by it, and an
+/// unrelated CA. The agent reads the files, the server the PEM text.
+struct TestPki {
+    ca_pem: String,
+    server_cert: String,
+    server_key: String,
+    ca_file: PathBuf,
+    client_cert_file: PathBuf,
+    client_key_file: PathBuf,
+    other_ca_file: PathBuf,
+}
+
+impl TestPki {
+    fn generate(dir: &Path) -> anyhow::Result<Self> {
+        fn ca(name: &str) -> anyhow::Result<(CertificateParams, KeyPair, String)> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate()?;
+            let pem = params.self_signed(&key)?.pem();
+            Ok((params, key, pem))
+        }
+        fn leaf(
+            usage: ExtendedKeyUsagePurpose,
+            issuer: &Issuer<'_, &KeyPair>,
+        ) -> anyhow::Result<(String, String)> {
+            let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, issuer)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        }
+        let (ca_params, ca_key, ca_pem) = ca("session test CA")?;
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let (server_cert, server_key) = leaf(ExtendedKeyUsagePurpose::ServerAuth, &issuer)?;
+        let (client_cert, client_key) = leaf(ExtendedKeyUsagePurpose::ClientAuth, &issuer)?;
+        let (_, _, other_ca_pem) = ca("unrelated CA")?;
+        let pki = Self {
+            ca_pem,
+            server_cert,
+            server_key,
+            ca_file: dir.join("ca.pem"),
+            client_cert_file: dir.join("client.pem"),
+            client_key_file: dir.join("client.key"),
+            other_ca_file: dir.join("other-ca.pem"),
+        };
+        std::fs::write(&pki.ca_file, &pki.ca_pem)?;
+        std::fs::write(&pki.client_cert_file, client_cert)?;
+        std::fs::write(&pki.client_key_file, client_key)?;
+        std::fs::write(&pki.other_ca_file, other_ca_pem)?;
+        Ok(pki)
+    }
+}
 
 /// What the scripted server saw.
 #[derive(Debug)]
@@ -142,6 +210,8 @@ impl AgentGateway for Gateway {
 /// The scripted server and what it saw.
 struct Server {
     address: String,
+    /// The CA that signed the server's certificate, when it serves TLS.
+    tls: Option<TestPki>,
     shared: Arc<Shared>,
     seen: mpsc::UnboundedReceiver<Seen>,
     stop: CancellationToken,
@@ -150,8 +220,15 @@ struct Server {
 
 impl Server {
     async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None, None).await
+    }
+
+    /// A server that requires `token` on every call, if given, and serves
+    /// TLS requiring a client certificate signed by `pki`'s CA, if given.
+    async fn start_with(token: Option<&str>, pki: Option<TestPki>) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = format!("http://{}", listener.local_addr()?);
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let address = format!("{scheme}://{}", listener.local_addr()?);
         let shared = Arc::new(Shared::default());
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let gateway = Gateway {
@@ -160,15 +237,35 @@ impl Server {
         };
         let stop = CancellationToken::new();
         let stopped = stop.clone();
+        let expected = token.map(|token| format!("Bearer {token}"));
+        let check = move |request: Request<()>| -> Result<Request<()>, Status> {
+            let Some(expected) = &expected else {
+                return Ok(request);
+            };
+            match request.metadata().get("authorization") {
+                None => Err(Status::unauthenticated("missing bearer token")),
+                Some(value) if value.as_bytes() == expected.as_bytes() => Ok(request),
+                Some(_) => Err(Status::permission_denied("token not accepted")),
+            }
+        };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(pki) = &pki {
+            builder = builder.tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&pki.server_cert, &pki.server_key))
+                    .client_ca_root(Certificate::from_pem(&pki.ca_pem)),
+            )?;
+        }
         let task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(AgentGatewayServer::new(gateway))
+            builder
+                .add_service(AgentGatewayServer::with_interceptor(gateway, check))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     stopped.cancelled().await;
                 }),
         );
         Ok(Self {
             address,
+            tls: pki,
             shared,
             seen,
             stop,
@@ -371,7 +468,8 @@ async fn runs_assignments_uploads_enforces_slots_cancels_and_drains() -> anyhow:
     );
     assert!(!work_dir.path().join("L1").exists());
 
-    // One slot: a second assignment while one runs is refused at once.
+    // One slot: a second assignment while one runs is refused at once (and
+    // counts as a failed attempt: the server should not have sent it).
     server.send(session, sh("L2", "sleep 1000"))?;
     server.send(session, sh("L3", "exit 0"))?;
     let (refused, _) = server.wait_for_result("L3").await?;
@@ -401,8 +499,9 @@ async fn runs_assignments_uploads_enforces_slots_cancels_and_drains() -> anyhow:
     )?;
     server.send(session, sh("L5", "exit 0"))?;
     let (late, _) = server.wait_for_result("L5").await?;
-    assert_eq!(late.outcome(), Outcome::SpawnFailed);
-    assert_eq!(late.message, "agent is draining and takes no new tasks");
+    assert_eq!(late.outcome(), Outcome::Refused);
+    assert_eq!(late.message, "agent is draining");
+    assert!(!work_dir.path().join("L5").exists());
     let (drained, _) = server.wait_for_result("L4").await?;
     assert_eq!(drained.outcome(), Outcome::Exited);
     assert_eq!(drained.exit_code, 5);
@@ -501,5 +600,177 @@ async fn invalid_options_are_errors() {
     let error = adce_agent::run(AgentOptions::new("not a uri"), CancellationToken::new())
         .await
         .expect_err("bad address");
-    assert_eq!(error.to_string(), "invalid server address `not a uri`");
+    assert!(
+        error
+            .to_string()
+            .starts_with(r#"invalid server address "not a uri""#),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn an_assignment_that_crosses_the_drain_is_refused_while_closing() -> anyhow::Result<()> {
+    let mut server = Server::start().await?;
+    let work_dir = tempfile::tempdir()?;
+    let drain = CancellationToken::new();
+    let agent = tokio::spawn(adce_agent::run_draining(
+        options(&server, work_dir.path()),
+        drain.clone(),
+        CancellationToken::new(),
+    ));
+    let (session, _) = server.wait_for_hello().await?;
+    // A heartbeat: the agent has the Welcome and its session is open.
+    server
+        .wait_for(|_, message| match &message.kind {
+            Some(agent_message::Kind::Heartbeat(_)) => Some(()),
+            _ => None,
+        })
+        .await?;
+
+    // Idle, the agent is drained as soon as it said so, and closes; an
+    // assignment the server sent before it read the Draining message still
+    // gets an answer instead of waiting for its lease to expire.
+    drain.cancel();
+    server
+        .wait_for(|_, message| match &message.kind {
+            Some(agent_message::Kind::Draining(_)) => Some(()),
+            _ => None,
+        })
+        .await?;
+    server.send(session, sh("LATE", "touch \"$ADCE_OUTPUT_DIR/ran\""))?;
+    let (late, _) = server.wait_for_result("LATE").await?;
+    assert_eq!(late.outcome(), Outcome::Refused);
+    assert_eq!(late.message, "agent is draining");
+    assert_eq!(late.exit_code, 0);
+    finish(agent).await?;
+    server.wait_session_ended(session).await?;
+    assert!(!work_dir.path().join("LATE").exists());
+    server.stop().await
+}
+
+/// A task that writes one accepted object.
+fn writes_day_json(lease: &str) -> server_message::Kind {
+    sh(
+        lease,
+        r#"printf '{"ok":true}' > "$ADCE_OUTPUT_DIR/day.json""#,
+    )
+}
+
+#[tokio::test]
+async fn the_token_goes_with_every_call_and_a_refused_token_stops_the_agent() -> anyhow::Result<()>
+{
+    let mut server = Server::start_with(Some("good-token"), None).await?;
+    let work_dir = tempfile::tempdir()?;
+    let mut opts = options(&server, work_dir.path());
+    opts.security.token = Some("good-token".into());
+    let (shutdown, agent) = start_agent(opts.clone());
+    let (session, _) = server.wait_for_hello().await?;
+    server.send(session, writes_day_json("L1"))?;
+    let (result, _) = server.wait_for_result("L1").await?;
+    // The upload is a separate call: it carried the token too.
+    assert_eq!(result.outcome(), Outcome::Exited, "{}", result.message);
+    assert_eq!(result.uploaded_keys, ["day.json"]);
+    shutdown.cancel();
+    finish(agent).await?;
+
+    // A wrong or missing token is not retried: the agent stops with an error.
+    for (token, code) in [
+        (Some("bad-token"), tonic::Code::PermissionDenied),
+        (None, tonic::Code::Unauthenticated),
+    ] {
+        opts.security.token = token.map(str::to_owned);
+        let error = tokio::time::timeout(
+            WAIT,
+            adce_agent::run(opts.clone(), CancellationToken::new()),
+        )
+        .await
+        .context("the agent kept retrying a refused token")?
+        .expect_err("a refused token is an error");
+        assert!(
+            matches!(&error, adce_agent::Error::TokenRefused { code: refused, .. } if *refused == code),
+            "{error:?}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("the server refused the agent's token: "),
+            "{error}"
+        );
+    }
+    server.stop().await
+}
+
+#[tokio::test]
+async fn tls_with_a_client_certificate_carries_sessions_and_uploads() -> anyhow::Result<()> {
+    let pki_dir = tempfile::tempdir()?;
+    let pki = TestPki::generate(pki_dir.path())?;
+    let mut server = Server::start_with(Some("good-token"), Some(pki)).await?;
+    let pki = server.tls.as_ref().ok_or_else(|| anyhow!("no TLS"))?;
+    assert!(server.address.starts_with("https://"));
+    let trusted = ClientSecurity {
+        token: Some("good-token".into()),
+        ca_file: Some(pki.ca_file.clone()),
+        cert_file: Some(pki.client_cert_file.clone()),
+        key_file: Some(pki.client_key_file.clone()),
+        tls_name: None,
+    };
+    let without_cert = ClientSecurity {
+        cert_file: None,
+        key_file: None,
+        ..trusted.clone()
+    };
+    let other_ca = ClientSecurity {
+        ca_file: Some(pki.other_ca_file.clone()),
+        ..trusted.clone()
+    };
+    let work_dir = tempfile::tempdir()?;
+    let mut opts = options(&server, work_dir.path());
+    opts.security = trusted;
+    let (shutdown, agent) = start_agent(opts.clone());
+    let (session, _) = server.wait_for_hello().await?;
+    server.send(session, writes_day_json("L1"))?;
+    let (result, _) = server.wait_for_result("L1").await?;
+    assert_eq!(result.outcome(), Outcome::Exited, "{}", result.message);
+    assert_eq!(result.uploaded_keys, ["day.json"]);
+    shutdown.cancel();
+    finish(agent).await?;
+
+    // Without a client certificate, or trusting another CA, no call gets
+    // through.
+    for security in [without_cert, other_ca] {
+        let dialer = adce_agent::Dialer::new(&server.address, &security)?;
+        let attempt = async {
+            let channel = dialer.connect().await?;
+            let (tx, rx) = mpsc::channel::<AgentMessage>(1);
+            drop(tx);
+            AgentGatewayClient::new(channel)
+                .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?;
+            anyhow::Ok(())
+        };
+        let outcome = tokio::time::timeout(WAIT, attempt).await?;
+        let error = outcome
+            .err()
+            .ok_or_else(|| anyhow!("{security:?} got through"))?;
+        let chain = format!("{error:#}");
+        assert!(
+            chain.contains("CertificateRequired") || chain.contains("UnknownIssuer"),
+            "{chain}"
+        );
+    }
+
+    // An agent without a client certificate keeps retrying (a handshake
+    // failure may be a rotation in progress) and never gets a session.
+    opts.security.cert_file = None;
+    opts.security.key_file = None;
+    let (shutdown, agent) = start_agent(opts);
+    let hello = tokio::time::timeout(Duration::from_secs(1), server.wait_for_hello()).await;
+    assert!(
+        hello.is_err(),
+        "a session without a client certificate: {hello:?}"
+    );
+    assert!(!agent.is_finished(), "the agent gave up on a TLS failure");
+    shutdown.cancel();
+    finish(agent).await?;
+    server.stop().await
 }

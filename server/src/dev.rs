@@ -40,6 +40,15 @@ pub fn config(data_dir: &Path, config_file: Option<&Path>) -> Result<Config, Con
         Some(path) => Config::load(path)?,
         None => Config::parse(DEMO_CONFIG, &data_dir.join("demo.yaml"))?,
     };
+    if config.tls.is_some() {
+        return Err(ConfigError::Invalid {
+            file: config_file.map(Path::to_path_buf).unwrap_or_default(),
+            position: None,
+            message:
+                "dev mode serves plaintext on its own listener; run without --dev to use `tls`"
+                    .into(),
+        });
+    }
     config.server.state_dir = data_dir.join("state");
     config.lake = LakeConfig {
         local: Some(LocalLake {
@@ -68,9 +77,21 @@ pub fn install_scrapers(data_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Options of the in-process agent talking to the server at `addr`.
-pub fn agent_options(data_dir: &Path, addr: SocketAddr, slots: u32) -> adce_agent::AgentOptions {
+/// Options of the in-process agent talking to the server at `addr`; it
+/// uses the config's first `agent` token when the config has tokens.
+pub fn agent_options(
+    config: &Config,
+    data_dir: &Path,
+    addr: SocketAddr,
+    slots: u32,
+) -> adce_agent::AgentOptions {
     let mut opts = adce_agent::AgentOptions::new(format!("http://{addr}"));
+    opts.security.token = config
+        .auth
+        .tokens
+        .iter()
+        .find(|t| t.role == crate::config::Role::Agent)
+        .map(|t| t.secret.expose().to_owned());
     opts.agent_id = Some(format!("dev-{}", adce_agent::hostname()));
     opts.slots = slots.max(1);
     opts.work_dir = absolute(data_dir).join("agent");

@@ -141,7 +141,7 @@ async fn serve(cli: Cli, config: Config) -> anyhow::Result<()> {
                 cli.data_dir.display()
             )
         })?;
-        let opts = dev::agent_options(&cli.data_dir, addr, cli.dev_slots);
+        let opts = dev::agent_options(&config, &cli.data_dir, addr, cli.dev_slots);
         let stop = agent_stop.clone();
         eprintln!(
             "adce dev mode: server on {addr}, lake {}, state {}\n  try: adcectl --server http://{addr} status",
@@ -149,9 +149,7 @@ async fn serve(cli: Cli, config: Config) -> anyhow::Result<()> {
             config.server.state_dir.display()
         );
         if !config.auth.enabled() {
-            eprintln!(
-                "  no auth (dev mode): anyone who can reach {addr} can control this server"
-            );
+            eprintln!("  no auth (dev mode): anyone who can reach {addr} can control this server");
         }
         Some(tokio::spawn(async move {
             if let Err(e) = adce_agent::run(opts, stop).await {

@@ -1279,6 +1279,69 @@ pub fn decode_hex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+impl AgentProc {
+    /// Starts `adce-agent --server URL --id ID --slots 1 --work-dir
+    /// <test_dir>/agent-ID EXTRA_ARGS` (e.g. `--allow-command DIR`), like
+    /// [`AgentProc::start`].
+    pub fn start_with_args(
+        server_url: &str,
+        id: &str,
+        extra_args: &[OsString],
+        test_dir: &Path,
+    ) -> AgentProc {
+        AgentProc::start_with_args_env(server_url, id, extra_args, &[], test_dir)
+    }
+
+    /// [`AgentProc::start_with_args`] with extra environment variables for
+    /// the agent (e.g. `ADCE_TOKEN`).
+    pub fn start_with_args_env(
+        server_url: &str,
+        id: &str,
+        extra_args: &[OsString],
+        envs: &[(&str, &str)],
+        test_dir: &Path,
+    ) -> AgentProc {
+        let work_dir = test_dir.join(format!("agent-{id}"));
+        create_dir_all(&work_dir);
+        let mut args: Vec<OsString> = vec![
+            "--server".into(),
+            server_url.into(),
+            "--id".into(),
+            id.into(),
+            "--slots".into(),
+            "1".into(),
+            "--work-dir".into(),
+            work_dir.as_os_str().to_owned(),
+        ];
+        args.extend_from_slice(extra_args);
+        let mut all_envs = vec![("RUST_LOG", "info,adce_agent=debug")];
+        all_envs.extend_from_slice(envs);
+        let proc = Proc::spawn(
+            &format!("agent-{id}"),
+            &bin("adce-agent"),
+            &args,
+            &all_envs,
+            test_dir,
+            Some(&work_dir),
+        );
+        AgentProc {
+            proc,
+            id: id.to_string(),
+            work_dir,
+        }
+    }
+}
+
+/// The peak resident set size (`VmHWM`) of the live process `pid`, in KiB;
+/// `None` when it cannot be read (the process is gone).
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,10 +69,67 @@ fn dev_mode_fills_demo_lake() {
         },
     );
 
+    // Dev mode runs without auth, and says so at start.
+    assert!(
+        server.log().contains("no auth (dev mode)"),
+        "the dev server did not say it runs without auth"
+    );
     let exit = server.terminate();
     assert_eq!(
         exit.code(),
         Some(0),
         "adce-server --dev after SIGTERM: {exit}"
     );
+}
+
+/// With `--config` naming tokens, dev mode's in-process agent uses the
+/// config's agent token, and adcectl needs one too.
+#[test]
+fn dev_mode_with_tokens_gives_its_agent_the_agent_token() {
+    const ADMIN: &str = "dev-admin-token-0123456789";
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let data_dir = dir.join("dev");
+    let listen = free_addr();
+    let config = dir.write_config(
+        "adce.yaml",
+        &format!(
+            "{}auth:
+  tokens:
+    - {{role: admin, token: {ADMIN}}}
+    - {{role: agent, token: dev-agent-token-0123456789}}
+scrapers:
+  writer:
+    command: [\"{{config_dir}}/scrapers/write_expected.sh\"]
+sources:
+  - name: feed
+    scraper: writer
+    partitions:
+      values: {{var: item, values: [\"x1\", \"x2\"]}}
+    objects: [\"feed/{{item}}.json\"]
+",
+            adce_tests::base_config(listen)
+        ),
+    );
+    let args: Vec<std::ffi::OsString> = vec![
+        "--dev".into(),
+        "--data-dir".into(),
+        data_dir.clone().into_os_string(),
+        "--config".into(),
+        config.into_os_string(),
+        "--listen".into(),
+        listen.to_string().into(),
+    ];
+    let mut server = ServerProc::start_with_args(&args, listen, dir.path());
+    assert!(
+        !server.ctl(&["status"]).status.success(),
+        "status without a token"
+    );
+    wait_until("both objects in the dev lake", FILL_TIMEOUT, POLL, || {
+        let files = files_under(&data_dir.join("lake"));
+        if files.len() == 2 { Ok(()) } else { Err(files) }
+    });
+    assert!(server.ctl(&["--token", ADMIN, "status"]).status.success());
+    assert!(!server.log().contains("no auth (dev mode)"));
+    assert_eq!(server.terminate().code(), Some(0));
 }

@@ -6,6 +6,7 @@
 //! provides the venv with grpcurl, the Python health client, moto_server and
 //! boto3.
 
+mod agent_hostile;
 mod auth;
 mod config;
 mod confinement;
