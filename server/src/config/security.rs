@@ -364,7 +364,10 @@ lake:
     - {{role: agent, token_file: agent.token}}
 "
         );
-        std::fs::write(dir.path().join("agent.token"), "  agent-token-from-file-0001  ")?;
+        std::fs::write(
+            dir.path().join("agent.token"),
+            "  agent-token-from-file-0001  ",
+        )?;
         let cfg = parse_in(&src, dir.path())?;
         let secrets: Vec<(String, Role, &str)> = cfg
             .auth
@@ -376,7 +379,11 @@ lake:
             vec![
                 ("ops".to_owned(), Role::Admin, "admin-token-inline-0001"),
                 ("read-2".to_owned(), Role::Read, "read-token-from-file-0001"),
-                ("agent-3".to_owned(), Role::Agent, "agent-token-from-file-0001"),
+                (
+                    "agent-3".to_owned(),
+                    Role::Agent,
+                    "agent-token-from-file-0001"
+                ),
             ]
         );
         assert_eq!(
@@ -385,7 +392,11 @@ lake:
         );
         // Neither Debug nor the dump shows a token.
         let shown = format!("{cfg:?}\n{}", cfg.dump());
-        for secret in ["admin-token-inline", "read-token-from-file", "agent-token-from"] {
+        for secret in [
+            "admin-token-inline",
+            "read-token-from-file",
+            "agent-token-from",
+        ] {
             assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
         }
         // A dump fed back is refused at the redacted token, not silently accepted.
@@ -403,11 +414,7 @@ lake:
                 "exactly one of `token`, `token_file` or `token_env`",
                 "{role",
             ),
-            (
-                "    - {role: admin, token: short}\n",
-                "too short",
-                "short",
-            ),
+            ("    - {role: admin, token: short}\n", "too short", "short"),
             (
                 "    - {role: admin, token_file: absent.token}\n",
                 "cannot read token file",

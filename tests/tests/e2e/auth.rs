@@ -68,13 +68,7 @@ fn tls_section(pki: &TestPki, client_ca: bool) -> String {
 
 /// Starts `adce-agent` with `extra` flags and environment; its log is
 /// `<dir>/agent-<id>.log`.
-fn start_agent(
-    dir: &TestDir,
-    url: &str,
-    id: &str,
-    extra: &[&str],
-    envs: &[(&str, &str)],
-) -> Proc {
+fn start_agent(dir: &TestDir, url: &str, id: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
     let work_dir = dir.path().join(format!("agent-{id}"));
     adce_tests::create_dir_all(&work_dir);
     let mut args: Vec<OsString> = vec![
@@ -217,7 +211,10 @@ fn tokens_with_roles_gate_every_call() {
         Command::new(&grpcurl).args(["-plaintext", "-d", "{}", &addr, "adce.v1.Control/Status"]),
         COMMAND_TIMEOUT,
     );
-    assert!(!call.status.success(), "grpcurl Status without a token succeeded");
+    assert!(
+        !call.status.success(),
+        "grpcurl Status without a token succeeded"
+    );
     assert!(
         text(&call.stderr).contains("Unauthenticated"),
         "grpcurl: {}",
@@ -227,7 +224,11 @@ fn tokens_with_roles_gate_every_call() {
     // An agent with the read token is refused and gives up; it never registers.
     let mut wrong_agent = start_agent(&dir, &url, "wrong", &[], &[("ADCE_TOKEN", READ)]);
     let log = wait_exit_failure(&mut wrong_agent, "agent with a read token");
-    assert!(log.contains("refused"), "agent log:\n{}", tail_lines(&log, 20));
+    assert!(
+        log.contains("refused"),
+        "agent log:\n{}",
+        tail_lines(&log, 20)
+    );
     assert!(connected_agents(&url, &[]).is_empty());
 
     // The agent token (from the server's environment) runs the task, uploads included.
@@ -287,10 +288,16 @@ fn an_exposed_listener_without_auth_is_refused_before_binding() {
     let listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], port));
     let config = dir.write_config("adce.yaml", &base_config(listen));
     let output = run_bounded(
-        Command::new(bin("adce-server")).arg("--config").arg(&config),
+        Command::new(bin("adce-server"))
+            .arg("--config")
+            .arg(&config),
         COMMAND_TIMEOUT,
     );
-    refused(&output, "adce-server on 0.0.0.0 without auth", "without auth");
+    refused(
+        &output,
+        "adce-server on 0.0.0.0 without auth",
+        "without auth",
+    );
 }
 
 /// Starts a TLS server and waits until adcectl, trusting `pki.ca`, gets SERVING.
@@ -455,7 +462,10 @@ fn mtls_refuses_agents_without_a_client_certificate() {
         &[("ADCE_TOKEN", AGENT)],
     );
     wait_only_task_as_admin(&url, &ca_flags, "done");
-    assert_eq!(connected_agents(&url, &ca_flags), vec!["certified".to_owned()]);
+    assert_eq!(
+        connected_agents(&url, &ca_flags),
+        vec!["certified".to_owned()]
+    );
     agent.terminate();
     let status = server.terminate();
     assert!(status.success(), "server exit: {status}");
