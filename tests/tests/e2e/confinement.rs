@@ -550,3 +550,72 @@ fn max_agents_refuses_the_next_new_agent() {
         "{refusal:?}"
     );
 }
+
+/// `server.max_concurrent_streams` bounds the streams of one connection: with
+/// a limit of 2, two open `Logs --follow` streams leave a third call on the
+/// same connection waiting, while a fresh connection is served at once, and
+/// the waiting call goes through when a stream ends.
+#[test]
+fn one_connection_gets_at_most_max_concurrent_streams() {
+    const STUCK_FOR: Duration = Duration::from_secs(2);
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let listen = free_addr();
+    let path = dir.write_config(
+        "adce.yaml",
+        &config(listen, "  max_concurrent_streams: 2\n", &["x1"]),
+    );
+    let server = ServerProc::start(&path, listen);
+    let url = server.url();
+    runtime().block_on(async {
+        let connect = || async {
+            let channel = Channel::from_shared(url.clone())
+                .unwrap_or_else(|e| panic!("bad url: {e}"))
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect: {e}"));
+            pb::control_client::ControlClient::new(channel)
+        };
+        let follow = pb::LogsRequest {
+            tail: 1,
+            follow: true,
+            ..pb::LogsRequest::default()
+        };
+        let mut shared = connect().await;
+        let first = shared
+            .logs(follow.clone())
+            .await
+            .unwrap_or_else(|s| panic!("first stream: {s}"))
+            .into_inner();
+        let second = shared
+            .logs(follow.clone())
+            .await
+            .unwrap_or_else(|s| panic!("second stream: {s}"))
+            .into_inner();
+        let mut third_call = shared.clone();
+        let third = tokio::spawn(async move { third_call.status(pb::StatusRequest {}).await });
+        tokio::time::sleep(STUCK_FOR).await;
+        assert!(
+            !third.is_finished(),
+            "a third stream on a connection limited to two was served at once"
+        );
+        // Another connection is not held up by the first one's streams.
+        let other = tokio::time::timeout(
+            MESSAGE_TIMEOUT,
+            connect().await.status(pb::StatusRequest {}),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("a fresh connection was not served"));
+        assert!(other.is_ok(), "fresh connection: {other:?}");
+        // A stream ends: the waiting call goes through.
+        drop(first);
+        let answered = tokio::time::timeout(MESSAGE_TIMEOUT, third)
+            .await
+            .unwrap_or_else(|_| panic!("the waiting call never went through"));
+        assert!(
+            matches!(answered, Ok(Ok(_))),
+            "the waiting call failed: {answered:?}"
+        );
+        drop(second);
+    });
+}
