@@ -30,6 +30,21 @@ pub struct Caller {
     pub name: String,
     /// Its role.
     pub role: Role,
+    /// The only agent id the token may act as, when it is bound to one.
+    pub agent_id: Option<String>,
+}
+
+impl Caller {
+    /// Refuses `agent_id` when the caller's token is bound to another agent.
+    pub fn may_act_as(caller: Option<&Caller>, agent_id: &str) -> Result<(), Status> {
+        match caller.and_then(|c| c.agent_id.as_deref().map(|bound| (c, bound))) {
+            Some((caller, bound)) if bound != agent_id => Err(Status::permission_denied(format!(
+                "token `{}` belongs to agent {bound}, not to agent {agent_id}",
+                caller.name
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What a gRPC method needs.
@@ -60,6 +75,7 @@ const CONTROL_READS: [&str; 6] = [
 struct Entry {
     name: String,
     role: Role,
+    agent_id: Option<String>,
     digest: [u8; 32],
 }
 
@@ -95,6 +111,7 @@ impl Policy {
                 .map(|(name, t)| Entry {
                     name,
                     role: t.role,
+                    agent_id: t.agent_id.clone(),
                     digest: digest(t.secret.expose().as_bytes()),
                 })
                 .collect(),
@@ -187,6 +204,7 @@ impl Policy {
             _ => Ok(Some(Caller {
                 name: entry.name.clone(),
                 role: entry.role,
+                agent_id: entry.agent_id.clone(),
             })),
         }
     }
@@ -395,6 +413,26 @@ mod tests {
             closed.check(&request).map_err(|s| s.code()),
             Err(tonic::Code::Unauthenticated)
         );
+    }
+
+    #[test]
+    fn a_bound_token_acts_only_as_its_agent() {
+        let bound = Caller {
+            name: "host-a".into(),
+            role: Role::Agent,
+            agent_id: Some("a".into()),
+        };
+        assert!(Caller::may_act_as(Some(&bound), "a").is_ok());
+        assert_eq!(
+            Caller::may_act_as(Some(&bound), "b").map_err(|s| s.code()),
+            Err(tonic::Code::PermissionDenied)
+        );
+        let shared = Caller {
+            agent_id: None,
+            ..bound
+        };
+        assert!(Caller::may_act_as(Some(&shared), "b").is_ok());
+        assert!(Caller::may_act_as(None, "b").is_ok());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::auth::Caller;
 use crate::config::ServerConfig;
 use crate::control::ControlService;
 use crate::error::Error;
@@ -292,6 +293,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let caller = request.extensions().get::<Caller>().cloned();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -300,6 +302,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             Some(In::Hello(hello)) => hello,
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
+        Caller::may_act_as(caller.as_ref(), &hello.agent_id)?;
         let agent = AgentId(hello.agent_id.clone());
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         // The message budget grows with the work the agent may run.
@@ -395,6 +398,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadReply>, Status> {
         let started = std::time::Instant::now();
+        let caller = request.extensions().get::<Caller>().cloned();
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|c| c.kind) {
             Some(pb::upload_chunk::Kind::Header(h)) => h,
@@ -404,6 +408,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                 ));
             }
         };
+        Caller::may_act_as(caller.as_ref(), &header.agent_id)?;
         validate_key(&header.key).map_err(Error::from)?;
         if header.size > self.max_upload_bytes {
             return Err(Error::TooLarge(format!(

@@ -93,6 +93,10 @@ pub struct TokenConfig {
     /// An environment variable of the server holding the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_env: Option<String>,
+    /// For an `agent` token: the one agent id it may connect and upload as.
+    /// With one such token per host, no agent can pose as another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
     /// The token itself, read at load. Not part of the YAML.
     #[serde(skip)]
     pub secret: Secret,
@@ -207,6 +211,15 @@ pub(super) fn check(
             return Err(at(
                 &p,
                 "a token needs exactly one of `token`, `token_file` or `token_env`".into(),
+            ));
+        }
+        if token.agent_id.is_some() && token.role != Role::Agent {
+            return Err(at(
+                &p.key("agent_id"),
+                format!(
+                    "`agent_id` binds an agent token; this token has role {}",
+                    token.role
+                ),
             ));
         }
         if !names.insert(name.clone()) {

@@ -18,6 +18,8 @@ use adce_tests::{
 const ADMIN: &str = "admin-token-e2e-0123456789";
 const READ: &str = "read-token-e2e-0123456789";
 const AGENT: &str = "agent-token-e2e-0123456789";
+/// An agent token bound to the agent id `bound`.
+const BOUND: &str = "bound-agent-token-e2e-0123456789";
 /// The server reads the agent token from this variable (`token_env`).
 const AGENT_TOKEN_VAR: &str = "ADCE_E2E_AGENT_TOKEN";
 /// How long a refused agent may take to give up.
@@ -49,6 +51,7 @@ fn auth_section(read_file: &Path) -> String {
     - {{name: ops, role: admin, token: {ADMIN}}}
     - {{name: viewer, role: read, token_file: {}}}
     - {{name: agents, role: agent, token_env: {AGENT_TOKEN_VAR}}}
+    - {{name: host-bound, role: agent, token: {BOUND}, agent_id: bound}}
 ",
         read_file.display()
     )
@@ -231,6 +234,15 @@ fn tokens_with_roles_gate_every_call() {
     );
     assert!(connected_agents(&url, &[]).is_empty());
 
+    // A token bound to one agent id cannot be used by another agent.
+    let mut impostor = start_agent(&dir, &url, "impostor", &[], &[("ADCE_TOKEN", BOUND)]);
+    let log = wait_exit_failure(&mut impostor, "agent using another agent's token");
+    assert!(
+        log.contains("token `host-bound` belongs to agent bound"),
+        "agent log:\n{}",
+        tail_lines(&log, 20)
+    );
+
     // The agent token (from the server's environment) runs the task, uploads included.
     let mut agent = start_agent(&dir, &url, "good", &[], &[("ADCE_TOKEN", AGENT)]);
     wait_only_task_as_admin(&url, &[], "done");
@@ -253,7 +265,7 @@ fn tokens_with_roles_gate_every_call() {
 
     // No token ever reaches a log.
     let logs = format!("{}\n{}\n{}", server.log(), agent.log(), wrong_agent.log());
-    for token in [ADMIN, READ, AGENT, NEW_READ] {
+    for token in [ADMIN, READ, AGENT, NEW_READ, BOUND] {
         assert!(!logs.contains(token), "a token leaked into a log");
     }
     server.terminate();
