@@ -6,7 +6,9 @@
 //! and `{{` / `}}` for literal braces. Everything that can be wrong with a template
 //! (unclosed braces, bad names, a format chrono rejects or that needs a time of day)
 //! is rejected by [`Template::parse`], so rendering a parsed template can only fail
-//! for a missing variable or a format applied to a value that is not a date.
+//! for a missing variable or a format applied to a value that is not a date; rendering
+//! an object key ([`Template::render_partition`]) also fails for a key the lake would
+//! refuse, whatever the values hold.
 //!
 //! Templates also match backwards ([`Template::match_key`]): a key rendered from a
 //! template is split into its variables again, which is how dependent sources find the
@@ -20,6 +22,7 @@ use chrono::format::{Item, StrftimeItems};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::{MAX_VALUE_LEN, is_valid_value};
+use crate::lake::{LakeError, validate_key};
 use crate::model::{Partition, Value};
 
 /// Why a template could not be parsed or rendered.
@@ -107,7 +110,19 @@ pub enum TemplateError {
         /// The value found.
         value: String,
     },
+    /// A rendered object key that the lake would refuse (see
+    /// [`crate::lake::validate_key`]), e.g. one with a `..` segment or too long.
+    #[error("rendered object key {key:?} is not a safe key: {reason}")]
+    UnsafeKey {
+        /// The key as rendered, cut to [`MAX_KEY_EXCERPT`] characters.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
+
+/// The most characters of an unsafe rendered key that an error keeps.
+pub const MAX_KEY_EXCERPT: usize = 200;
 
 /// A value a placeholder can render.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,9 +367,25 @@ impl Template {
         Ok(out)
     }
 
-    /// Renders the template with a partition's variables.
+    /// Renders an object key with a partition's variables. The key is checked with
+    /// [`crate::lake::validate_key`], so a key the lake would refuse (a `..` or empty
+    /// segment, a leading `/`, a backslash, a control character, more than
+    /// [`crate::lake::MAX_KEY_LEN`] bytes) is an [`TemplateError::UnsafeKey`], never an
+    /// `Ok`, whatever the partition's values hold.
     pub fn render_partition(&self, partition: &Partition) -> Result<String, TemplateError> {
-        self.render(&|name| partition.get(name).map(Arg::from))
+        let key = self.render(&|name| partition.get(name).map(Arg::from))?;
+        if let Err(e) = validate_key(&key) {
+            let reason = match e {
+                LakeError::InvalidKey { reason, .. } => reason,
+                // `validate_key` reports nothing else; any other refusal is refused alike.
+                _ => "refused by the lake",
+            };
+            return Err(TemplateError::UnsafeKey {
+                key: key.chars().take(MAX_KEY_EXCERPT).collect(),
+                reason,
+            });
+        }
+        Ok(key)
     }
 
     /// Whether variable `name` holds a date when keys are matched: it has a format in

@@ -2,7 +2,7 @@
 //! line and column, built with saphyr-parser's event parser so that checks made after
 //! deserialization can still point at the offending text.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use saphyr_parser::{Event, Parser, Span};
@@ -102,7 +102,9 @@ impl PositionIndex {
     /// partial (possibly empty) index: positions are a help for messages, never a gate.
     pub fn build(src: &str) -> Self {
         let mut builder = Builder::default();
-        let mut parser = Parser::new_from_str(src);
+        let bom_free = without_inner_boms(src);
+        builder.restore_bom = bom_free.is_some();
+        let mut parser = Parser::new_from_str(bom_free.as_deref().unwrap_or(src));
         while let Some(Ok((event, span))) = parser.next_event() {
             if !builder.event(&event, span) {
                 builder.index.complete = true;
@@ -150,6 +152,36 @@ impl PositionIndex {
     }
 }
 
+/// Stands in for a byte order mark inside a scalar: a private-use character, which
+/// YAML allows in plain scalars and which, like the mark, is one character wide.
+const BOM_STAND_IN: char = '\u{e000}';
+
+/// `src` with every byte order mark after the first character replaced the way libyaml
+/// (and so serde_yaml) reads it, or `None` when there is none to replace. saphyr refuses
+/// such marks, which would leave everything after one unindexed; libyaml skips a mark
+/// at the start of a line (it still counts as a column, like a space) and keeps any
+/// other as part of the scalar it is in (here [`BOM_STAND_IN`], turned back into the
+/// mark in key names). Columns are counted in characters, so positions do not move.
+/// Documents that already hold the stand-in are left alone.
+fn without_inner_boms(src: &str) -> Option<String> {
+    let mut rest = src.char_indices().skip(1);
+    if !rest.any(|(_, c)| c == '\u{feff}') || src.contains(BOM_STAND_IN) {
+        return None;
+    }
+    let mut out = String::with_capacity(src.len());
+    let mut line_start = true;
+    for (i, c) in src.char_indices() {
+        out.push(match c {
+            '\u{feff}' if i == 0 => c,
+            '\u{feff}' if line_start => ' ',
+            '\u{feff}' => BOM_STAND_IN,
+            _ => c,
+        });
+        line_start = matches!(c, '\n' | '\r');
+    }
+    Some(out)
+}
+
 /// What the builder expects next inside an open collection.
 #[derive(Debug)]
 enum Frame {
@@ -160,7 +192,8 @@ enum Frame {
     Map {
         path: Option<YamlPath>,
         pending: Option<Option<String>>,
-        seen: Vec<String>,
+        /// The keys so far; a set, so that a mapping with many keys indexes in linear time.
+        seen: HashSet<String>,
     },
 }
 
@@ -169,6 +202,8 @@ struct Builder {
     index: PositionIndex,
     stack: Vec<Frame>,
     root_done: bool,
+    /// Whether scalars may hold [`BOM_STAND_IN`] for a byte order mark.
+    restore_bom: bool,
 }
 
 fn position(span: Span) -> Position {
@@ -192,7 +227,14 @@ impl Builder {
         match event {
             Event::Scalar(text, ..) => {
                 match self.slot() {
-                    Slot::Key(map_path) => self.set_key(Some(text.to_string()), map_path, span),
+                    Slot::Key(map_path) => {
+                        let key = if self.restore_bom {
+                            text.replace(BOM_STAND_IN, "\u{feff}")
+                        } else {
+                            text.to_string()
+                        };
+                        self.set_key(Some(key), map_path, span);
+                    }
                     Slot::Value(path) => self.record(path, span),
                 }
                 true
@@ -221,7 +263,7 @@ impl Builder {
                     _ => Frame::Map {
                         path,
                         pending: None,
-                        seen: Vec::new(),
+                        seen: HashSet::new(),
                     },
                 });
                 true
@@ -261,11 +303,10 @@ impl Builder {
         if let Some(Frame::Map { pending, seen, .. }) = self.stack.last_mut() {
             if let (Some(k), Some(mp)) = (&key, &map_path) {
                 let path = mp.key(k);
-                if seen.contains(k) {
-                    self.index.duplicates.push((path, position(span)));
-                } else {
-                    seen.push(k.clone());
+                if seen.insert(k.clone()) {
                     self.index.keys.insert(path, position(span));
+                } else {
+                    self.index.duplicates.push((path, position(span)));
                 }
             }
             *pending = Some(key);
@@ -351,6 +392,21 @@ sources:
                 Position { line: 4, column: 3 }
             )]
         );
+    }
+
+    #[test]
+    fn byte_order_marks_after_the_start_are_read_like_libyaml() {
+        let idx = PositionIndex::build("a: 1\nk\u{feff}x: [\u{feff}v]\n\u{feff}# note\nb: 2\n");
+        assert!(idx.is_complete());
+        let k = YamlPath::root().key("k\u{feff}x");
+        assert_eq!(idx.key(&k), pos(2, 1));
+        assert_eq!(idx.value(&k.idx(0)), pos(2, 7));
+        assert_eq!(idx.value(&YamlPath::root().key("b")), pos(4, 4));
+        // A leading mark is the encoding's and stays; a document holding the stand-in
+        // is parsed as it is.
+        assert!(PositionIndex::build("\u{feff}a: 1\n").is_complete());
+        assert_eq!(without_inner_boms("\u{feff}a: 1\n"), None);
+        assert_eq!(without_inner_boms("\u{e000}\u{feff}"), None);
     }
 
     #[test]

@@ -49,6 +49,8 @@ const SUPPORTED_FORMAT: &str = "CSV";
 const MANIFEST: &str = "manifest.json";
 /// The checksum's name inside a report directory.
 const CHECKSUM: &str = "manifest.checksum";
+/// The longest key S3 stores, in bytes: a longer decoded key marks a corrupt row.
+const S3_MAX_KEY_BYTES: usize = 1024;
 
 /// One inventory report: where it is, when it was made and what it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -689,6 +691,13 @@ fn parse_rows<R: Read>(
         let key = decode_key(&record[columns.key], &mut scratch).map_err(|reason| {
             row_error(format!("key {}: {reason}", escaped(&record[columns.key])))
         })?;
+        if key.len() > S3_MAX_KEY_BYTES {
+            return Err(row_error(format!(
+                "key {} is {} bytes, longer than S3 allows ({S3_MAX_KEY_BYTES})",
+                escaped(&record[columns.key]),
+                key.len()
+            )));
+        }
         let Some(relative) = filter.accept(key) else {
             continue;
         };
