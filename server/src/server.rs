@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::auth::{AuthLayer, Policy};
 use crate::autoloop::{self, LoopOptions};
 use crate::catalog::Catalog;
-use crate::config::{ClientAuth, Config, LakeConfig, TlsConfig};
+use crate::config::{ClientAuth, Config, LakeConfig, MAX_DURATION, TlsConfig};
 use crate::control::ControlService;
 use crate::error::{Error, Result};
 use crate::gateway::{Gateway, GatewayLimits, apply_transport_limits, control_service};
@@ -126,7 +126,8 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 
 /// Waits until no task is leased, or `grace` has passed.
 async fn wait_for_leases(sched: &crate::scheduler::Handle, grace: Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
+    let now = tokio::time::Instant::now();
+    let deadline = now.checked_add(grace).unwrap_or(now + MAX_DURATION);
     let mut told = false;
     loop {
         let leased = match sched.call(|reply| Command::Stats { reply }).await {

@@ -1820,3 +1820,44 @@ fn byte_order_marks_inside_a_config_keep_error_positions() {
         "expected {at}: {err}"
     );
 }
+
+/// Found by fuzzing: a key template that fits with short values but not with
+/// the longest values a partition may hold passed validation, and expansion
+/// then met keys the lake refuses. It is a config error now, with a position.
+#[test]
+fn key_templates_too_long_for_the_longest_values_are_config_errors() {
+    let src = format!(
+        "version: 1
+lake:
+  local:
+    root: lake
+scrapers:
+  s:
+    command: [\"true\"]
+sources:
+  - name: a
+    scraper: s
+    partitions:
+      values: {{var: id, values: [\"{value}\"]}}
+    objects: [\"{prefix}/{{id}}.json\"]
+",
+        value = "x".repeat(128),
+        prefix = "a".repeat(1000)
+    );
+    let err = Config::parse(&src, Path::new(ORIGIN)).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("the lake's limit is 1024"), "{message}");
+    assert!(message.contains(&format!("{ORIGIN}:13:")), "{message}");
+}
+
+/// Found by fuzzing: `server.shutdown_grace: 500000000000y` passed validation
+/// and overflowed the clock at shutdown. Durations are capped at 100 years.
+#[test]
+fn durations_beyond_a_century_are_config_errors() {
+    let src =
+        "version: 1\nserver:\n  shutdown_grace: 500000000000y\nlake:\n  local:\n    root: lake\n";
+    let err = Config::parse(src, Path::new(ORIGIN)).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("longer than 100 years"), "{message}");
+    assert!(message.contains(&format!("{ORIGIN}:3:")), "{message}");
+}

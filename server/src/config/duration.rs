@@ -9,18 +9,27 @@ use super::scalars::{excerpt, from_text};
 
 struct Parsed(Duration);
 
+/// The longest duration a config may name (100 years): longer ones are
+/// mistakes, and adding them to a clock would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 impl std::str::FromStr for Parsed {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s.trim())
-            .map(Parsed)
-            .map_err(|e| {
-                format!(
-                    "invalid duration `{}`: {e} (e.g. 500ms, 30s, 5m, 1h, 1d)",
-                    excerpt(s)
-                )
-            })
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
+            format!(
+                "invalid duration `{}`: {e} (e.g. 500ms, 30s, 5m, 1h, 1d)",
+                excerpt(s)
+            )
+        })?;
+        if d > MAX_DURATION {
+            return Err(format!(
+                "duration `{}` is longer than 100 years",
+                excerpt(s)
+            ));
+        }
+        Ok(Parsed(d))
     }
 }
 
@@ -68,5 +77,8 @@ mod tests {
             err.starts_with("invalid duration `30 parsecs`: unknown time unit"),
             "{err}"
         );
+        let err = "500000000000y".parse::<Parsed>().err().unwrap();
+        assert!(err.contains("longer than 100 years"), "{err}");
+        assert!("100y".parse::<Parsed>().is_ok());
     }
 }

@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use dependent::{FromObjectsGenerator, Refresh};
+pub use duration::MAX_DURATION;
 pub use partitions::{
     DEFAULT_SEASON_START_MONTH, DateEnd, DatesGenerator, Generator, Partitions, Season, SeasonEnd,
     SeasonFormat, SeasonsGenerator, Step, ValuesGenerator, VarKind,

@@ -10,7 +10,7 @@ use chrono::NaiveDate;
 use serde::Deserializer;
 
 use super::position::{Position, PositionIndex, YamlPath};
-use super::scalars::{excerpt, from_text, is_valid_name, is_valid_var};
+use super::scalars::{MAX_VALUE_LEN, excerpt, from_text, is_valid_name, is_valid_var};
 use super::{
     Config, DateEnd, FromObjectsGenerator, Generator, ScraperConfig, SeasonEnd, SourceConfig,
     VarKind,
@@ -18,6 +18,7 @@ use super::{
 use crate::catalog::{SPECIAL_VARS, VAR_OUT};
 use crate::extract::Column;
 use crate::health::WebhookTarget;
+use crate::lake::MAX_KEY_LEN;
 use crate::template::{Arg, Template, is_ident};
 
 /// A validation failure: where and what.
@@ -919,6 +920,25 @@ impl Validator<'_> {
                     "object key template `{}` renders keys like `{}`, which {why}",
                     excerpt(t.as_str()),
                     excerpt(&probe)
+                ),
+            ));
+        }
+        // With every value as long as values may be, a key must still fit the lake.
+        let longest_value = "x".repeat(MAX_VALUE_LEN);
+        let longest = t
+            .render(&|name| match vars.get(name) {
+                Some(VarKind::Date) => Some(Arg::Date(probe_date)),
+                Some(VarKind::Text) => Some(Arg::Text(&longest_value)),
+                None => None,
+            })
+            .unwrap_or_default();
+        if longest.len() > MAX_KEY_LEN {
+            return Err(self.at(
+                path,
+                format!(
+                    "object key template `{}` can render keys of {} bytes (values may be {MAX_VALUE_LEN} characters); the lake's limit is {MAX_KEY_LEN}",
+                    excerpt(t.as_str()),
+                    longest.len()
                 ),
             ));
         }

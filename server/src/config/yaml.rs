@@ -16,7 +16,7 @@ pub(crate) struct YamlError {
 /// Deserializes `src` as one YAML document.
 pub(crate) fn from_str<T: DeserializeOwned>(src: &str) -> Result<T, YamlError> {
     serde_yaml::from_str(src).map_err(|err| {
-        let position = err.location().map(|loc| Position {
+        let mut position = err.location().map(|loc| Position {
             line: loc.line(),
             column: loc.column(),
         });
@@ -29,11 +29,35 @@ pub(crate) fn from_str<T: DeserializeOwned>(src: &str) -> Result<T, YamlError> {
                 message.replace_range(at..at + suffix.len(), "");
             }
         }
+        // At the end of the input libyaml reports a line past the last
+        // one; the place the construct it gave up on began ("while scanning
+        // a simple key at line 2 column 1") is in the file, so use that.
+        let lines = src.lines().count().max(1);
+        if position.is_some_and(|p| p.line > lines) {
+            if let Some((at, inner)) = inner_position(&message) {
+                position = Some(inner);
+                message.truncate(at);
+            }
+        }
         YamlError {
             position,
             message: strip_path(&message).to_owned(),
         }
     })
+}
+
+/// The last ` at line L column C` left in a message: its offset and position.
+fn inner_position(message: &str) -> Option<(usize, Position)> {
+    let at = message.rfind(" at line ")?;
+    let (line, column) = message[at + " at line ".len()..].split_once(" column ")?;
+    let column: String = column.chars().take_while(char::is_ascii_digit).collect();
+    Some((
+        at,
+        Position {
+            line: line.parse().ok()?,
+            column: column.parse().ok()?,
+        },
+    ))
 }
 
 /// Drops serde_yaml's `path.to.node: ` prefix: the position already says where.
@@ -83,6 +107,17 @@ mod tests {
         assert_eq!(err.message, "unknown field `b`, expected `a`");
         let err = from_str::<Doc>("inner:\n  a: [\n").unwrap_err();
         assert!(err.position.is_some(), "{err:?}");
+        assert!(!err.message.contains(" at line "), "{err:?}");
+    }
+
+    #[test]
+    fn a_scanner_error_points_inside_the_file() {
+        let err = from_str::<serde_yaml::Value>("version: 1\na00").unwrap_err();
+        assert_eq!(
+            err.position,
+            Some(Position { line: 2, column: 1 }),
+            "{err:?}"
+        );
         assert!(!err.message.contains(" at line "), "{err:?}");
     }
 
