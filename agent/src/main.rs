@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use adce_agent::{
-    AgentOptions, AllowList, BackoffPolicy, ClientSecurity, default_agent_id, default_work_dir,
-    parse_labels,
+    AgentOptions, AllowList, BackoffPolicy, default_agent_id, default_work_dir, parse_labels,
 };
-use adce_proto::dial::resolve_token;
+use adce_proto::dial::DialArgs;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,39 +27,8 @@ struct Cli {
     /// Address of the adce server's gRPC endpoint (`https://` for TLS).
     #[arg(long, env = "ADCE_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
-    /// Bearer token sent with every call; prefer --token-file or the
-    /// environment, a flag shows in the process list.
-    #[arg(long, env = "ADCE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
-    token: Option<String>,
-    /// File holding the bearer token (surrounding whitespace ignored);
-    /// --token wins when both are given.
-    #[arg(long, env = "ADCE_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// PEM CA certificate(s) the server's certificate must chain to; turns
-    /// TLS on [default with https://: the system's roots].
-    #[arg(long, env = "ADCE_CA_FILE", value_name = "FILE")]
-    ca_file: Option<PathBuf>,
-    /// PEM client certificate for servers that require one (mTLS); needs
-    /// --key-file.
-    #[arg(
-        long,
-        env = "ADCE_CERT_FILE",
-        value_name = "FILE",
-        requires = "key_file"
-    )]
-    cert_file: Option<PathBuf>,
-    /// PEM private key of --cert-file.
-    #[arg(
-        long,
-        env = "ADCE_KEY_FILE",
-        value_name = "FILE",
-        requires = "cert_file"
-    )]
-    key_file: Option<PathBuf>,
-    /// Name the server's certificate must carry, when it differs from the
-    /// host in --server; turns TLS on.
-    #[arg(long, env = "ADCE_TLS_NAME", value_name = "NAME")]
-    tls_name: Option<String>,
+    #[command(flatten)]
+    dial: DialArgs,
     /// Run only programs under this absolute path prefix (repeatable; in the
     /// environment colon-separated like PATH). The program is resolved as the
     /// spawn would (PATH lookup, symlinks and `..` resolved) and matched by
@@ -95,12 +63,7 @@ impl std::fmt::Debug for Cli {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cli")
             .field("server", &self.server)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("token_file", &self.token_file)
-            .field("ca_file", &self.ca_file)
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .field("tls_name", &self.tls_name)
+            .field("dial", &self.dial)
             .field("allow_command", &self.allow_command)
             .field("slots", &self.slots)
             .field("labels", &self.labels)
@@ -179,16 +142,9 @@ fn watch_signals(drain: CancellationToken, shutdown: CancellationToken) -> anyho
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let agent_id = cli.id.unwrap_or_else(default_agent_id);
     let work_dir = cli.work_dir.unwrap_or_else(|| default_work_dir(&agent_id));
-    let token = resolve_token(cli.token, cli.token_file.as_deref())?;
     let options = AgentOptions {
         server: cli.server,
-        security: ClientSecurity {
-            token,
-            ca_file: cli.ca_file,
-            cert_file: cli.cert_file,
-            key_file: cli.key_file,
-            tls_name: cli.tls_name,
-        },
+        security: cli.dial.security()?,
         allow: AllowList::new(cli.allow_command)?,
         agent_id: Some(agent_id),
         slots: cli.slots,
@@ -287,8 +243,8 @@ mod tests {
             "/usr/local/bin:/srv/bin",
         ])
         .expect("valid flags");
-        assert_eq!(cli.token.as_deref(), Some("s3cret-token"));
-        assert_eq!(cli.tls_name.as_deref(), Some("adce.internal"));
+        assert_eq!(cli.dial.token.as_deref(), Some("s3cret-token"));
+        assert_eq!(cli.dial.tls_name.as_deref(), Some("adce.internal"));
         assert_eq!(
             cli.allow_command,
             [

@@ -15,14 +15,13 @@ mod status;
 mod tasks;
 
 use std::io;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use adce_proto::v1 as pb;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use adce_proto::dial::{ClientSecurity, resolve_token};
+use adce_proto::dial::DialArgs;
 
 use crate::client::Target;
 
@@ -61,51 +60,10 @@ struct Cli {
     )]
     timeout: Duration,
 
-    /// The bearer token sent with every call (a `read` token for the read
-    /// commands, `admin` for changes). Prefer ADCE_TOKEN or --token-file:
-    /// a flag shows in `ps`.
-    #[arg(
-        long,
-        global = true,
-        env = "ADCE_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    token: Option<String>,
-
-    /// A file holding the bearer token (surrounding whitespace ignored).
-    #[arg(long, global = true, env = "ADCE_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<PathBuf>,
-
-    /// PEM CA certificate the server's certificate must chain to; turns TLS
-    /// on (as does an https:// server address, verified against the system's roots).
-    #[arg(long, global = true, env = "ADCE_CA_FILE", value_name = "FILE")]
-    ca_file: Option<PathBuf>,
-
-    /// PEM client certificate, for servers that require one (mTLS).
-    #[arg(
-        long,
-        global = true,
-        env = "ADCE_CERT_FILE",
-        value_name = "FILE",
-        requires = "key_file"
-    )]
-    cert_file: Option<PathBuf>,
-
-    /// PEM private key of --cert-file.
-    #[arg(
-        long,
-        global = true,
-        env = "ADCE_KEY_FILE",
-        value_name = "FILE",
-        requires = "cert_file"
-    )]
-    key_file: Option<PathBuf>,
-
-    /// The name the server's certificate must carry, when it differs from
-    /// the host in --server.
-    #[arg(long, global = true, env = "ADCE_TLS_NAME", value_name = "NAME")]
-    tls_name: Option<String>,
+    /// The token (a `read` token for the read commands, `admin` for
+    /// changes) and the TLS files.
+    #[command(flatten)]
+    dial: DialArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -377,13 +335,7 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 /// Runs the chosen command.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let security = ClientSecurity {
-        token: resolve_token(cli.token, cli.token_file.as_deref())?,
-        ca_file: cli.ca_file,
-        cert_file: cli.cert_file,
-        key_file: cli.key_file,
-        tls_name: cli.tls_name,
-    };
+    let security = cli.dial.security()?;
     let target = Target {
         url: cli.server,
         timeout: cli.timeout,

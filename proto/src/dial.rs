@@ -188,6 +188,84 @@ impl ClientSecurity {
     }
 }
 
+/// The client flags every adce client takes (`--token`, `--token-file`,
+/// `--ca-file`, `--cert-file`, `--key-file`, `--tls-name`, each with its
+/// `ADCE_*` variable); flatten into a clap parser. Debug never shows the token.
+#[cfg(feature = "cli")]
+#[derive(Clone, Default, clap::Args)]
+pub struct DialArgs {
+    /// Bearer token sent with every call. Prefer ADCE_TOKEN or --token-file:
+    /// a flag shows in the process list.
+    #[arg(
+        long,
+        global = true,
+        env = "ADCE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token (surrounding whitespace ignored);
+    /// --token wins when both are given.
+    #[arg(long, global = true, env = "ADCE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the server's certificate must chain to; turns
+    /// TLS on (an https:// server address without it is verified against
+    /// the system's roots).
+    #[arg(long, global = true, env = "ADCE_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that require one (mTLS); needs
+    /// --key-file.
+    #[arg(
+        long,
+        global = true,
+        env = "ADCE_CERT_FILE",
+        value_name = "FILE",
+        requires = "key_file"
+    )]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(
+        long,
+        global = true,
+        env = "ADCE_KEY_FILE",
+        value_name = "FILE",
+        requires = "cert_file"
+    )]
+    pub key_file: Option<PathBuf>,
+    /// Name the server's certificate must carry, when it differs from the
+    /// host in --server; turns TLS on.
+    #[arg(long, global = true, env = "ADCE_TLS_NAME", value_name = "NAME")]
+    pub tls_name: Option<String>,
+}
+
+#[cfg(feature = "cli")]
+impl fmt::Debug for DialArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DialArgs")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("tls_name", &self.tls_name)
+            .finish()
+    }
+}
+
+#[cfg(feature = "cli")]
+impl DialArgs {
+    /// The security settings the flags name, with the token file read.
+    pub fn security(self) -> Result<ClientSecurity, DialError> {
+        Ok(ClientSecurity {
+            token: resolve_token(self.token, self.token_file.as_deref())?,
+            ca_file: self.ca_file,
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            tls_name: self.tls_name,
+        })
+    }
+}
+
 /// Adds the bearer token to every request. Its Debug never shows the token.
 #[derive(Clone, Default)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);

@@ -343,23 +343,52 @@ fn start_tls_server(dir: &TestDir, yaml: &str, listen: SocketAddr, envs: &[(&str
     server
 }
 
+/// A TLS server with the test tokens and certificates in its own directory.
+struct TlsFixture {
+    server: Proc,
+    url: String,
+    listen: SocketAddr,
+    pki: TestPki,
+    dir: TestDir,
+}
+
+impl TlsFixture {
+    /// Starts it; with `client_ca`, agents must present a client certificate.
+    fn start(client_ca: bool) -> TlsFixture {
+        let dir = TestDir::new();
+        dir.install_scrapers();
+        let pki = TestPki::generate(&dir.path().join("pki")).expect("test certificates");
+        let read_file = dir.path().join("read.token");
+        adce_tests::write_file(&read_file, READ.as_bytes());
+        let listen = free_addr();
+        let yaml = format!(
+            "{}{}{}{}",
+            base_config(listen),
+            auth_section(&read_file),
+            tls_section(&pki, client_ca),
+            scraper_and_source()
+        );
+        let server = start_tls_server(&dir, &yaml, listen, &[(AGENT_TOKEN_VAR, AGENT)]);
+        TlsFixture {
+            server,
+            url: format!("http://{listen}"),
+            listen,
+            pki,
+            dir,
+        }
+    }
+}
+
 #[test]
 fn tls_clients_verify_the_server_against_their_ca() {
-    let dir = TestDir::new();
-    dir.install_scrapers();
-    let pki = TestPki::generate(&dir.path().join("pki")).expect("test certificates");
-    let read_file = dir.path().join("read.token");
-    adce_tests::write_file(&read_file, READ.as_bytes());
-    let listen = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        base_config(listen),
-        auth_section(&read_file),
-        tls_section(&pki, false),
-        scraper_and_source()
-    );
-    let mut server = start_tls_server(&dir, &yaml, listen, &[(AGENT_TOKEN_VAR, AGENT)]);
-    let url = format!("http://{listen}");
+    // Bindings drop in reverse: the server stops before its directory goes.
+    let TlsFixture {
+        dir,
+        pki,
+        listen,
+        url,
+        mut server,
+    } = TlsFixture::start(false);
     let ca = pki.ca.to_str().unwrap_or_default();
     let other_ca = pki.other_ca.to_str().unwrap_or_default();
 
@@ -403,21 +432,13 @@ fn tls_clients_verify_the_server_against_their_ca() {
 
 #[test]
 fn mtls_refuses_agents_without_a_client_certificate() {
-    let dir = TestDir::new();
-    dir.install_scrapers();
-    let pki = TestPki::generate(&dir.path().join("pki")).expect("test certificates");
-    let read_file = dir.path().join("read.token");
-    adce_tests::write_file(&read_file, READ.as_bytes());
-    let listen = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        base_config(listen),
-        auth_section(&read_file),
-        tls_section(&pki, true),
-        scraper_and_source()
-    );
-    let mut server = start_tls_server(&dir, &yaml, listen, &[(AGENT_TOKEN_VAR, AGENT)]);
-    let url = format!("http://{listen}");
+    let TlsFixture {
+        dir,
+        pki,
+        url,
+        mut server,
+        ..
+    } = TlsFixture::start(true);
     let ca = pki.ca.to_str().unwrap_or_default();
     let ca_flags = ["--ca-file", ca];
 
