@@ -5,7 +5,8 @@
 //!
 //! Roles: the `AgentGateway` needs `agent`; `Control` reads need `read` or
 //! `admin`, changes need `admin`; health and reflection are open unless the
-//! config closes them (then any valid token may call them). No token or an
+//! config closes them (then any valid token may call them); the HTTP
+//! `/metrics` endpoint needs `read` unless `auth.open_metrics`. No token or an
 //! unknown one → UNAUTHENTICATED; a valid token of the wrong role →
 //! PERMISSION_DENIED. Tokens are compared as SHA-256 digests in constant time
 //! and never logged: logs name a token by its configured `name`.
@@ -21,6 +22,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tracing::{debug, info};
 
 use crate::config::{AuthConfig, ClientAuth, Role, TlsConfig};
+use crate::metrics::METRICS_PATH;
 
 /// The caller of a request, as established by the auth layer (in the
 /// request's extensions when auth is on).
@@ -84,6 +86,7 @@ pub struct Policy {
     entries: Vec<Entry>,
     open_health: bool,
     open_reflection: bool,
+    open_metrics: bool,
     agents_need_cert: bool,
 }
 
@@ -117,6 +120,7 @@ impl Policy {
                 .collect(),
             open_health: auth.open_health,
             open_reflection: auth.open_reflection,
+            open_metrics: auth.open_metrics,
             agents_need_cert: tls.is_some_and(|t| t.client_auth() == ClientAuth::Agents),
         }
     }
@@ -127,6 +131,13 @@ impl Policy {
     }
 
     fn need(&self, path: &str) -> Need {
+        if path == METRICS_PATH {
+            return if self.open_metrics {
+                Need::Open
+            } else {
+                Need::Role(READ)
+            };
+        }
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
@@ -218,6 +229,11 @@ pub struct AuthLayer {
 }
 
 impl AuthLayer {
+    /// A layer that lets every call through (no tokens configured).
+    pub fn open() -> AuthLayer {
+        AuthLayer::new(Policy::new(&AuthConfig::default(), None))
+    }
+
     /// A layer applying `policy`.
     pub fn new(policy: Policy) -> AuthLayer {
         AuthLayer {
@@ -229,6 +245,11 @@ impl AuthLayer {
     pub fn replace(&self, policy: Policy) {
         let mut current = self.policy.write().unwrap_or_else(PoisonError::into_inner);
         *current = Arc::new(policy);
+    }
+
+    /// Decides one request outside the gRPC services (the metrics endpoint).
+    pub fn check<B>(&self, request: &http::Request<B>) -> Result<Option<Caller>, Status> {
+        self.current().check(request)
     }
 
     fn current(&self) -> Arc<Policy> {
@@ -412,6 +433,31 @@ mod tests {
         assert_eq!(
             closed.check(&request).map_err(|s| s.code()),
             Err(tonic::Code::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn metrics_need_a_read_token_unless_opened() {
+        assert_eq!(call("/metrics", None), Err(tonic::Code::Unauthenticated));
+        assert!(call("/metrics", Some("read-token-0123456789")).is_ok());
+        assert_eq!(
+            call("/metrics", Some("agent-token-0123456789")),
+            Err(tonic::Code::PermissionDenied)
+        );
+        let auth = AuthConfig {
+            tokens: vec![token(Role::Read, "read-token-0123456789")],
+            open_metrics: true,
+            ..AuthConfig::default()
+        };
+        let request = http::Request::builder()
+            .uri("http://x/metrics")
+            .body(())
+            .expect("request");
+        assert_eq!(
+            Policy::new(&auth, None)
+                .check(&request)
+                .map_err(|s| s.code()),
+            Ok(None)
         );
     }
 

@@ -10,6 +10,7 @@
 //! and every labelled state gauge is cleared before it is set again so series
 //! of vanished sources, groups or states do not linger.
 
+use crate::auth::AuthLayer;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -474,6 +475,7 @@ fn coverage_ratio(c: &Coverage) -> f64 {
 struct Scraper<F> {
     metrics: Metrics,
     refresh: F,
+    auth: AuthLayer,
     lock: Mutex<()>,
 }
 
@@ -511,6 +513,24 @@ where
                 "not found: metrics are at /metrics\n",
             );
         }
+        if let Err(status) = self.auth.check(req) {
+            let (code, text) = match status.code() {
+                tonic::Code::PermissionDenied => (
+                    StatusCode::FORBIDDEN,
+                    "forbidden: /metrics needs a read or admin token\n",
+                ),
+                _ => (
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized: send `authorization: Bearer <read token>`\n",
+                ),
+            };
+            let mut resp = plain(code, text);
+            if code == StatusCode::UNAUTHORIZED {
+                resp.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            return resp;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             resp.headers_mut()
@@ -547,6 +567,7 @@ pub async fn serve<F, Fut>(
     listener: TcpListener,
     metrics: Metrics,
     refresh: F,
+    auth: AuthLayer,
     shutdown: CancellationToken,
 ) where
     F: Fn() -> Fut + Send + Sync + 'static,
@@ -555,6 +576,7 @@ pub async fn serve<F, Fut>(
     let scraper = Arc::new(Scraper {
         metrics,
         refresh,
+        auth,
         lock: Mutex::new(()),
     });
     if let Ok(addr) = listener.local_addr() {

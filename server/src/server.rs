@@ -338,6 +338,7 @@ pub async fn run(
             listener,
             metrics.clone(),
             refresh,
+            auth.clone(),
             token.child_token(),
         ));
     }

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use adce_server::auth::{AuthLayer, Policy};
+use adce_server::config::Config;
 use adce_server::limits::GroupSnapshot;
 use adce_server::metrics::{CONTENT_TYPE_OPENMETRICS, Metrics, serve};
 use adce_server::model::{Priority, TaskState};
@@ -55,9 +57,15 @@ struct Reply {
 
 /// Sends `GET path` over a fresh connection and reads the whole response.
 async fn get(addr: SocketAddr, path: &str) -> Result<Reply> {
+    get_with(addr, path, "").await
+}
+
+/// `get` with extra header lines (each ending in `\r\n`).
+async fn get_with(addr: SocketAddr, path: &str, headers: &str) -> Result<Reply> {
     tokio::time::timeout(REQUEST_TIMEOUT, async {
         let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;
@@ -208,7 +216,13 @@ async fn serves_metrics_that_prometheus_parses_and_refreshes_before_each_scrape(
         }
     };
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(serve(listener, metrics, refresh, shutdown.clone()));
+    let server = tokio::spawn(serve(
+        listener,
+        metrics,
+        refresh,
+        AuthLayer::open(),
+        shutdown.clone(),
+    ));
 
     let first = get(addr, "/metrics").await?;
     ensure!(
@@ -374,6 +388,7 @@ async fn shutdown_ends_idle_keep_alive_connections() -> Result<()> {
         listener,
         Metrics::new(),
         || async {},
+        AuthLayer::open(),
         shutdown.clone(),
     ));
     // A keep-alive client that has sent one request and then idles.
@@ -395,5 +410,72 @@ async fn shutdown_ends_idle_keep_alive_connections() -> Result<()> {
     tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_end(&mut rest))
         .await
         .context("the idle connection was not closed")??;
+    Ok(())
+}
+
+/// With tokens configured, `/metrics` needs a `read` (or `admin`) token:
+/// none is 401 with a Bearer challenge, an agent token is 403.
+#[tokio::test]
+async fn metrics_need_a_read_token_when_tokens_are_configured() -> Result<()> {
+    let config = Config::parse(
+        "version: 1
+lake:
+  local:
+    root: lake
+auth:
+  tokens:
+    - {role: read, token: metrics-read-token-0123}
+    - {role: agent, token: metrics-agent-token-0123}
+",
+        std::path::Path::new("adce.yaml"),
+    )?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(
+        listener,
+        Metrics::new(),
+        || async {},
+        AuthLayer::new(Policy::new(&config.auth, None)),
+        shutdown.clone(),
+    ));
+    let anonymous = get(addr, "/metrics").await?;
+    ensure!(anonymous.status == 401, "no token: {}", anonymous.status);
+    ensure!(
+        anonymous
+            .headers
+            .get("www-authenticate")
+            .map(String::as_str)
+            == Some("Bearer"),
+        "no Bearer challenge: {:?}",
+        anonymous.headers
+    );
+    ensure!(
+        !anonymous.body.contains("adce_"),
+        "metrics leaked: {}",
+        anonymous.body
+    );
+    let agent = get_with(
+        addr,
+        "/metrics",
+        "authorization: Bearer metrics-agent-token-0123\r\n",
+    )
+    .await?;
+    ensure!(agent.status == 403, "agent token: {}", agent.status);
+    let read = get_with(
+        addr,
+        "/metrics",
+        "authorization: Bearer metrics-read-token-0123\r\n",
+    )
+    .await?;
+    ensure!(
+        read.status == 200,
+        "read token: {} {}",
+        read.status,
+        read.body
+    );
+    ensure!(read.body.contains("# EOF"), "{}", read.body);
+    shutdown.cancel();
+    tokio::time::timeout(STOP_TIMEOUT, server).await??;
     Ok(())
 }

@@ -113,6 +113,9 @@ pub struct AuthConfig {
     pub open_health: bool,
     /// Reflection needs no token (grpcurl lists services with it).
     pub open_reflection: bool,
+    /// `/metrics` needs no token. Off by default: with tokens configured,
+    /// Prometheus sends a `read` token (`authorization: credentials_file`).
+    pub open_metrics: bool,
     /// Serve on a non-loopback address without any token. Off by default:
     /// the server refuses to start exposed without auth.
     pub allow_unauthenticated: bool,
@@ -124,6 +127,7 @@ impl Default for AuthConfig {
             tokens: Vec::new(),
             open_health: true,
             open_reflection: true,
+            open_metrics: false,
             allow_unauthenticated: false,
         }
     }
