@@ -54,6 +54,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another agent runs on the same work directory.
+    #[error("work directory {} is in use by another agent (give each agent its own --work-dir)", .0.display())]
+    WorkDirInUse(PathBuf),
     /// The transport to the server failed (connect, TLS, HTTP/2).
     #[error("cannot reach the server")]
     Transport(#[from] tonic::transport::Error),

@@ -25,6 +25,7 @@ pub mod collect;
 mod connection;
 mod error;
 pub mod labels;
+pub mod leftovers;
 mod outbox;
 pub mod output;
 pub mod runner;
@@ -131,6 +132,20 @@ pub async fn run_draining(
     tokio::fs::create_dir_all(&work_dir)
         .await
         .map_err(dir_error)?;
+    // Held until the agent returns: one agent per work directory.
+    let _lock = leftovers::lock(&work_dir)?;
+    for leftover in leftovers::reap(&work_dir) {
+        match leftover.killed {
+            Some(pgid) => tracing::warn!(
+                dir = %leftover.dir.display(),
+                pgid,
+                "killed a scraper a previous agent left running"
+            ),
+            None => {
+                tracing::info!(dir = %leftover.dir.display(), "removed a leftover task directory")
+            }
+        }
+    }
     tracing::info!(
         agent = %agent_id,
         server = %opts.server,

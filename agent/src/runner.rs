@@ -458,6 +458,12 @@ async fn execute<U: Uploader>(
     let mut group = ProcessGroup {
         pgid: pid.map(Pid::from_raw),
     };
+    // If this agent is killed, the next one on the work directory kills it.
+    if let (Some(pgid), Some(task_dir)) = (pid, out_dir.parent())
+        && let Err(error) = crate::leftovers::record_group(task_dir, pgid)
+    {
+        tracing::warn!(lease = %spec.lease_id, %error, "cannot record the scraper's process group");
+    }
 
     let (lines_tx, mut lines_rx) = mpsc::channel(LINE_CHANNEL_CAPACITY);
     let mut readers = Vec::with_capacity(2);

@@ -1,5 +1,7 @@
 //! Crashes: a server SIGKILLed mid-run loses no task, and a task whose agent
-//! is SIGKILLed is declared lost and runs again on another agent.
+//! is SIGKILLed is declared lost and runs again on another agent; the scraper
+//! the killed agent left running dies when an agent starts again on its work
+//! directory.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -22,6 +24,10 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(120);
 const FAST_POLL: Duration = Duration::from_millis(100);
 /// Interval between polls while waiting for the end.
 const POLL: Duration = Duration::from_millis(250);
+/// How long the first (orphaned) scraper run would live by itself.
+const ORPHAN_SECONDS: u64 = 120;
+/// How long a restarted agent may take to kill it: far less than that.
+const REAP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Tasks of the server-kill test.
 const TASKS: usize = 60;
 
@@ -123,6 +129,17 @@ sources:
     }
 }
 
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
 /// Kills, at drop, the process groups of `slow.sh` runs that journaled a
 /// start but no end: the first run is orphaned when its agent is SIGKILLed.
 struct OrphanReaper {
@@ -174,7 +191,7 @@ fn agent_sigkill_task_runs_elsewhere() {
     command: [\"{{config_dir}}/scrapers/slow.sh\"]
     env:
       COUNT_FILE: \"{{config_dir}}/journal.txt\"
-      SLOW_SECONDS: \"30\"
+      SLOW_SECONDS: \"{ORPHAN_SECONDS}\"
       RETRY_SECONDS: \"1\"
     timeout: 2m
     retry: {{max_attempts: 3, backoff: 200ms}}
@@ -273,6 +290,28 @@ sources:
     let content = fs::read_to_string(&object)
         .unwrap_or_else(|e| panic!("{} not in the lake: {e}", object.display()));
     assert!(content.contains("slow object slow/only.txt"), "{content:?}");
+
+    // The killed agent's scraper still runs (nothing could kill it) until an
+    // agent starts on the same work directory, which kills it first thing.
+    let orphans = OrphanReaper::unfinished(&journal);
+    let [orphan] = orphans.as_slice() else {
+        panic!(
+            "expected one orphaned scraper, journal: {}",
+            read_or_empty(&journal)
+        );
+    };
+    assert!(
+        alive(*orphan),
+        "the orphan {orphan} died before the restart"
+    );
+    let _restarted = AgentProc::start(&url, &holder, 1, &[], dir.path());
+    wait_until("the orphaned scraper killed", REAP_TIMEOUT, POLL, || {
+        if alive(*orphan) {
+            Err(format!("{orphan} still runs"))
+        } else {
+            Ok(())
+        }
+    });
     // The loop reconciles once the queue drains and reports a full lake.
     wait_until(
         "coverage 100% after the retry",
