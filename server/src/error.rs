@@ -20,6 +20,10 @@ pub enum Error {
     /// The request is valid but the state does not allow it (e.g. a lease that is no longer live).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Something with the request's identity already exists (an agent id
+    /// that another live connection uses).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request is too large.
     #[error("{0}")]
     TooLarge(String),
@@ -41,6 +45,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::TooLarge(_) => tonic::Status::resource_exhausted(message),
             Error::Stopped(_) => tonic::Status::unavailable(message),
             Error::Lake(LakeError::InvalidKey { .. }) => tonic::Status::invalid_argument(message),

@@ -933,7 +933,7 @@ sources:
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn max_agents_refuses_a_new_agent_but_not_a_reconnect() {
+    async fn max_agents_refuses_a_new_agent_but_not_a_reconnect_and_ids_are_unique() {
         let limits = GatewayLimits {
             admission: AdmissionLimits {
                 max_agents: 2,
@@ -947,7 +947,16 @@ sources:
         let err = bench.agent("c", 1).await.err().unwrap();
         assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
         assert!(err.message().contains("server.max_agents is 2"), "{err:?}");
-        // The same id again replaces its stream.
+        // The same id again, while the first is active, is refused...
+        let err = bench.agent("a", 1).await.err().unwrap();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+        assert!(
+            err.message().contains("give each agent its own --id"),
+            "{err:?}"
+        );
+        // ...but once its stream has been quiet for two heartbeat intervals
+        // (half-open), a reconnect replaces it and does not count twice.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         let _a2 = bench.agent("a", 1).await.unwrap();
         assert_eq!(
             bench.agents().await,

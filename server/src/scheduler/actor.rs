@@ -677,8 +677,9 @@ impl State {
     }
 
     /// Whether an agent that said `hello` may connect: a valid id, a slot
-    /// count within the cap, and room under `max_agents` unless it is
-    /// already connected (a reconnect replaces its earlier stream).
+    /// count within the cap, no live connection under the same id, and room
+    /// under `max_agents` unless it is already connected (a reconnect after
+    /// its earlier stream went quiet replaces that stream).
     fn admit(
         &mut self,
         tx: &Transaction<'_>,
@@ -701,6 +702,30 @@ impl State {
             )));
         }
         let id = AgentId(hello.agent_id.clone());
+        // A second process with the same id must not take over a live one
+        // (they would push each other off in turn); a reconnect after the
+        // old stream went quiet (half-open) replaces it.
+        if let Some(existing) = self.agents.get(&id) {
+            let quiet_ms = now_ms() - existing.last_seen;
+            let grace_ms =
+                2 * i64::try_from(self.opts.heartbeat_interval.as_millis()).unwrap_or(i64::MAX / 2);
+            if quiet_ms < grace_ms {
+                let address = existing.address.clone();
+                warn!(agent = %id, %address, "agent refused: its id is connected and active");
+                self.log(
+                    tx,
+                    fx,
+                    Event::warn(format!(
+                        "agent refused: id {id} is already connected from {address} and active; give each agent its own --id"
+                    ))
+                    .agent(id.0.clone())
+                    .row(),
+                )?;
+                return Err(Error::AlreadyExists(format!(
+                    "agent id {id} is already connected from {address} (active {quiet_ms} ms ago); give each agent its own --id"
+                )));
+            }
+        }
         if !self.agents.contains_key(&id) && self.agents.len() >= limits.max_agents as usize {
             warn!(agent = %id, max_agents = limits.max_agents, "agent refused: too many agents");
             self.log(

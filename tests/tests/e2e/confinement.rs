@@ -530,7 +530,7 @@ fn max_agents_refuses_the_next_new_agent() {
     let server = ServerProc::start(&path, listen);
     let url = server.url();
     let rt = runtime();
-    let _a = rt.block_on(RawAgent::connect(&url, "raw-a", 1)).unwrap();
+    let a = rt.block_on(RawAgent::connect(&url, "raw-a", 1)).unwrap();
     let _b = rt.block_on(RawAgent::connect(&url, "raw-b", 1)).unwrap();
     let refused = rt.block_on(RawAgent::connect(&url, "raw-c", 1));
     let err = refused
@@ -538,8 +538,18 @@ fn max_agents_refuses_the_next_new_agent() {
         .unwrap_or_else(|| panic!("a third agent was admitted"));
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("max_agents"), "{err:?}");
-    // A reconnect of a connected agent does not count twice.
-    let _a_again = rt.block_on(RawAgent::connect(&url, "raw-a", 1)).unwrap();
+    // A second process under a live agent's id is refused, not swapped in.
+    let duplicate = rt.block_on(RawAgent::connect(&url, "raw-b", 1));
+    let err = duplicate
+        .err()
+        .unwrap_or_else(|| panic!("a duplicate of a live agent id was admitted"));
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // An agent that leaves frees its place.
+    drop(a);
+    let _a_again = wait_until("raw-a admitted again", CLOSE_TIMEOUT, POLL, || {
+        rt.block_on(RawAgent::connect(&url, "raw-a", 1))
+            .map_err(|status| status.to_string())
+    });
     assert_eq!(
         connected(&url),
         vec!["raw-a".to_string(), "raw-b".to_string()]
