@@ -49,6 +49,15 @@ pub fn config(data_dir: &Path, config_file: Option<&Path>) -> Result<Config, Con
                     .into(),
         });
     }
+    apply_overrides(&mut config, &data_dir);
+    Ok(config)
+}
+
+/// What dev mode sets whatever the config file says: the state at
+/// `<data-dir>/state`, the lake at `<data-dir>/lake`, metrics on a free
+/// port (the log names it, so several dev servers can run side by side).
+/// A reload applies them again, so they never read as changes.
+pub fn apply_overrides(config: &mut Config, data_dir: &Path) {
     config.server.state_dir = data_dir.join("state");
     config.lake = LakeConfig {
         local: Some(LocalLake {
@@ -56,12 +65,10 @@ pub fn config(data_dir: &Path, config_file: Option<&Path>) -> Result<Config, Con
         }),
         s3: None,
     };
-    // Metrics on in dev mode, on a free port (the log names it), so several
-    // dev servers can run side by side.
     config.metrics = Some(crate::config::MetricsConfig {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
     });
-    Ok(config)
+    config.dev_data_dir = Some(data_dir.to_path_buf());
 }
 
 /// Writes the demo scrapers to `<data-dir>/scrapers/`.

@@ -72,8 +72,12 @@ impl Reloader {
                 return Err(Error::InvalidArgument(message));
             }
         };
-        // `--listen` may have overridden the file's address at start.
+        // `--listen` may have overridden the file's address at start, and
+        // dev mode its state, lake and metrics.
         config.server.listen = self.running.server.listen;
+        if let Some(data_dir) = &self.running.dev_data_dir {
+            crate::dev::apply_overrides(&mut config, data_dir);
+        }
         let mut needs_restart = Vec::new();
         if config.server != self.running.server {
             needs_restart.push("server".to_string());

@@ -189,6 +189,10 @@ pub struct Config {
     /// again). Not part of the YAML.
     #[serde(skip)]
     pub source_path: Option<PathBuf>,
+    /// Dev mode's data directory, whose overrides a reload applies again.
+    /// Not part of the YAML.
+    #[serde(skip)]
+    pub dev_data_dir: Option<PathBuf>,
 }
 
 fn ser_version<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {

@@ -130,6 +130,13 @@ sources:
         if files.len() == 2 { Ok(()) } else { Err(files) }
     });
     assert!(server.ctl(&["--token", ADMIN, "status"]).status.success());
+    // A reload keeps dev mode's own state and lake: nothing needs a restart.
+    let reloaded = server.ctl_json(&["--token", ADMIN, "reload"]);
+    assert_eq!(
+        reloaded["needs_restart"],
+        serde_json::json!([]),
+        "{reloaded:#}"
+    );
     assert!(!server.log().contains("no auth (dev mode)"));
     assert_eq!(server.terminate().code(), Some(0));
 }

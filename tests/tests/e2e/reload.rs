@@ -82,6 +82,9 @@ fn reload_changes_a_group_rate_while_tasks_run() {
         if n >= SLOW_STARTS { Ok(()) } else { Err(n) }
     });
     dir.write_config("adce.yaml", &config(listen, "50/s"));
+    // Taken before the reload: a start stamped earlier surely ran at the old
+    // rate (the new one may apply before adcectl returns).
+    let reload_ms = chrono::Utc::now().timestamp_millis();
     let reloaded = server.ctl_json(&["reload"]);
     assert!(
         reloaded["message"]
@@ -90,7 +93,6 @@ fn reload_changes_a_group_rate_while_tasks_run() {
         "{reloaded:#}"
     );
     assert_eq!(reloaded["needs_restart"], serde_json::json!([]));
-    let reload_ms = chrono::Utc::now().timestamp_millis();
 
     wait_until("every task done", TIMEOUT, POLL, || {
         let tasks = all_tasks(&url, &[]);
