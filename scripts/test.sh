@@ -53,7 +53,8 @@ for arg in "$@"; do
     esac
 done
 status=0
-cargo test "${scope[@]}" "$@" 2>&1 | tee "$log" || status=$?
+# Every test binary runs even after one fails, so one run shows every failure.
+cargo test --no-fail-fast "${scope[@]}" "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result: / {
         for (i = 1; i <= NF; i++) {
             if ($(i) ~ /^(passed|failed|ignored);?$/) { n = $(i - 1); w = $(i); sub(/;$/, "", w); t[w] += n }
