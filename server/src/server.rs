@@ -42,6 +42,9 @@ pub const COMPONENTS: [&str; 4] = [
 /// HTTP/2 keepalive pings detect half-open agent connections.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a client may take to finish its TLS handshake; a connection
+/// that never does is closed instead of held.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the transport may take to close once everything else stopped.
 const TRANSPORT_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -76,10 +79,12 @@ fn server_tls(tls: &TlsConfig) -> Result<ServerTlsConfig> {
             Error::InvalidArgument(format!("tls: cannot read {what} {}: {e}", path.display()))
         })
     };
-    let mut server = ServerTlsConfig::new().identity(Identity::from_pem(
-        read("certificate", &tls.cert)?,
-        read("key", &tls.key)?,
-    ));
+    let mut server = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read("certificate", &tls.cert)?,
+            read("key", &tls.key)?,
+        ))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
     if let Some(ca) = &tls.client_ca {
         server = server
             .client_ca_root(Certificate::from_pem(read("client CA", ca)?))

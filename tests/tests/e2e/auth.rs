@@ -26,6 +26,9 @@ const AGENT_TOKEN_VAR: &str = "ADCE_E2E_AGENT_TOKEN";
 const REFUSED_AGENT_EXIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(200);
 const TLS_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection that never starts its TLS handshake may stay open
+/// (the server's handshake timeout is 10 s).
+const SILENT_CLIENT_CLOSED: Duration = Duration::from_secs(30);
 /// How long an agent that cannot get in is watched before it is stopped.
 const LOCKED_OUT_WATCH: Duration = Duration::from_secs(4);
 
@@ -391,6 +394,12 @@ fn tls_clients_verify_the_server_against_their_ca() {
     } = TlsFixture::start(false);
     let ca = pki.ca.to_str().unwrap_or_default();
     let other_ca = pki.other_ca.to_str().unwrap_or_default();
+    // A client that connects and never starts its handshake is not held forever.
+    let mut silent = std::net::TcpStream::connect(listen).expect("connect");
+    silent
+        .set_read_timeout(Some(SILENT_CLIENT_CLOSED))
+        .expect("read timeout");
+    let opened = std::time::Instant::now();
 
     ok(
         &ctl(&url, &["--ca-file", ca, "--token", READ, "status"]),
@@ -427,6 +436,17 @@ fn tls_clients_verify_the_server_against_their_ca() {
     wait_only_task_as_admin(&url, &["--ca-file", ca], "done");
     assert!(dir.path().join("lake/feed/x1.json").is_file());
     agent.terminate();
+
+    let mut byte = [0u8; 1];
+    let read = std::io::Read::read(&mut silent, &mut byte);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the silent connection is still open after {:?}: {read:?}",
+        opened.elapsed()
+    );
     server.terminate();
 }
 
