@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -13,9 +12,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 /// A channel whose every request carries the bearer token, if any.
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
-
-/// How long dialing may take before a connection attempt fails.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a client cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -129,9 +125,9 @@ impl ClientSecurity {
             Some(rest) if tls => format!("https://{rest}"),
             _ => url.to_owned(),
         };
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| address_error(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT);
+        // Each client sets its own connect timeout and keepalive.
+        let endpoint =
+            Endpoint::from_shared(url.clone()).map_err(|e| address_error(e.to_string()))?;
         if !tls {
             return Ok(endpoint);
         }
@@ -178,13 +174,6 @@ impl ClientSecurity {
             None => None,
         };
         Ok(Bearer(value))
-    }
-
-    /// A lazily connecting channel to `url` that carries the token; it
-    /// reconnects by itself after the server goes away.
-    pub fn channel_lazy(&self, url: &str) -> Result<AuthChannel, DialError> {
-        let channel = self.endpoint(url)?.connect_lazy();
-        Ok(InterceptedService::new(channel, self.bearer()?))
     }
 }
 

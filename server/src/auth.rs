@@ -212,11 +212,16 @@ impl Policy {
                         .join(" or ")
                 )))
             }
-            _ => Ok(Some(Caller {
-                name: entry.name.clone(),
-                role: entry.role,
-                agent_id: entry.agent_id.clone(),
-            })),
+            _ => {
+                if need == Need::Role(ADMIN) {
+                    info!(token = %entry.name, method = %path, "admin call");
+                }
+                Ok(Some(Caller {
+                    name: entry.name.clone(),
+                    role: entry.role,
+                    agent_id: entry.agent_id.clone(),
+                }))
+            }
         }
     }
 }
@@ -299,13 +304,6 @@ where
         match self.layer.current().check(&request) {
             Ok(caller) => {
                 if let Some(caller) = caller {
-                    if caller.role == Role::Admin
-                        && !CONTROL_READS
-                            .iter()
-                            .any(|m| request.uri().path().ends_with(&format!("/{m}")))
-                    {
-                        info!(token = %caller.name, method = %request.uri().path(), "admin call");
-                    }
                     request.extensions_mut().insert(caller);
                 }
                 Box::pin(self.inner.call(request))
