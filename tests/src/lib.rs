@@ -720,36 +720,13 @@ impl AgentProc {
         labels: &[(&str, &str)],
         test_dir: &Path,
     ) -> AgentProc {
-        let work_dir = test_dir.join(format!("agent-{id}"));
-        create_dir_all(&work_dir);
-        let mut args: Vec<OsString> = vec![
-            "--server".into(),
-            server_url.into(),
-            "--id".into(),
-            id.into(),
-            "--slots".into(),
-            slots.to_string().into(),
-            "--work-dir".into(),
-            work_dir.as_os_str().to_owned(),
-        ];
+        let mut args: Vec<OsString> = vec!["--slots".into(), slots.to_string().into()];
         if !labels.is_empty() {
             let joined: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             args.push("--labels".into());
             args.push(joined.join(",").into());
         }
-        let proc = Proc::spawn(
-            &format!("agent-{id}"),
-            &bin("adce-agent"),
-            &args,
-            &[("RUST_LOG", "info,adce_agent=debug")],
-            test_dir,
-            Some(&work_dir),
-        );
-        AgentProc {
-            proc,
-            id: id.to_string(),
-            work_dir,
-        }
+        AgentProc::start_with_args_env(server_url, id, &args, &[], test_dir)
     }
 
     /// The agent id.
@@ -1280,9 +1257,9 @@ pub fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 }
 
 impl AgentProc {
-    /// Starts `adce-agent --server URL --id ID --slots 1 --work-dir
-    /// <test_dir>/agent-ID EXTRA_ARGS` (e.g. `--allow-command DIR`), like
-    /// [`AgentProc::start`].
+    /// Starts `adce-agent --server URL --id ID --work-dir <test_dir>/agent-ID
+    /// EXTRA_ARGS` (e.g. `--allow-command DIR`; one slot unless they say
+    /// `--slots`), like [`AgentProc::start`].
     pub fn start_with_args(
         server_url: &str,
         id: &str,
@@ -1308,8 +1285,6 @@ impl AgentProc {
             server_url.into(),
             "--id".into(),
             id.into(),
-            "--slots".into(),
-            "1".into(),
             "--work-dir".into(),
             work_dir.as_os_str().to_owned(),
         ];

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use adce_tests::pki::TestPki;
 use adce_tests::{
-    COMMAND_TIMEOUT, LOG_TAIL_LINES, Proc, ServerProc, TestDir, base_config, bin, ctl, free_addr,
-    health_check, run_bounded, tail_lines, text, venv_tool, wait_until,
+    AgentProc, COMMAND_TIMEOUT, LOG_TAIL_LINES, Proc, ServerProc, TestDir, base_config, bin, ctl,
+    free_addr, health_check, run_bounded, tail_lines, text, venv_tool, wait_until,
 };
 
 const ADMIN: &str = "admin-token-e2e-0123456789";
@@ -74,28 +74,15 @@ fn tls_section(pki: &TestPki, client_ca: bool) -> String {
 
 /// Starts `adce-agent` with `extra` flags and environment; its log is
 /// `<dir>/agent-<id>.log`.
-fn start_agent(dir: &TestDir, url: &str, id: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let work_dir = dir.path().join(format!("agent-{id}"));
-    adce_tests::create_dir_all(&work_dir);
-    let mut args: Vec<OsString> = vec![
-        "--server".into(),
-        url.into(),
-        "--id".into(),
-        id.into(),
-        "--work-dir".into(),
-        work_dir.as_os_str().to_owned(),
-    ];
-    args.extend(extra.iter().map(OsString::from));
-    let mut all_envs = vec![("RUST_LOG", "info,adce_agent=debug")];
-    all_envs.extend_from_slice(envs);
-    Proc::spawn(
-        &format!("agent-{id}"),
-        &bin("adce-agent"),
-        &args,
-        &all_envs,
-        dir.path(),
-        Some(&work_dir),
-    )
+fn start_agent(
+    dir: &TestDir,
+    url: &str,
+    id: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> AgentProc {
+    let extra: Vec<OsString> = extra.iter().map(OsString::from).collect();
+    AgentProc::start_with_args_env(url, id, &extra, envs, dir.path())
 }
 
 fn ok(output: &Output, what: &str) -> String {
@@ -122,12 +109,12 @@ fn refused(output: &Output, what: &str, expected: &str) {
 }
 
 /// Waits (bounded) until an agent process exits, and returns its log.
-fn wait_exit_failure(agent: &mut Proc, what: &str) -> String {
+fn wait_exit_failure(agent: &mut AgentProc, what: &str) -> String {
     let started = std::time::Instant::now();
-    while agent.is_running() && started.elapsed() < REFUSED_AGENT_EXIT {
+    while agent.proc().is_running() && started.elapsed() < REFUSED_AGENT_EXIT {
         std::thread::sleep(POLL);
     }
-    let status = agent.try_exit();
+    let status = agent.proc().try_exit();
     assert!(
         status.is_some_and(|s| !s.success()),
         "{what}: expected the agent to give up with a failure, got {status:?}; log:\n{}",
