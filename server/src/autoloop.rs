@@ -17,7 +17,7 @@ use crate::logs::Event;
 use crate::model::{UnixMs, now_ms};
 use crate::reconciler::Reconciler;
 pub use crate::reconciler::{CoverageReport, ReconcileProgress, ReconcileSummary};
-use crate::scheduler::{Command, Handle};
+use crate::scheduler::Handle;
 
 /// The loop's settings (config `loop`).
 #[derive(Debug, Clone)]
@@ -105,7 +105,7 @@ impl LoopHandle {
     /// Stops handing out new work; running tasks finish.
     pub fn pause(&self) -> LoopStatus {
         self.paused.store(true, Ordering::SeqCst);
-        let _ = self.scheduler.send(Command::SetDispatch { enabled: false });
+        let _ = self.scheduler.set_dispatch(false);
         self.status_tx.send_modify(|s| s.paused = true);
         self.scheduler
             .log(Event::info("loop paused: no new work is handed out").row());
@@ -118,11 +118,8 @@ impl LoopHandle {
         let status = self.pause();
         if now {
             self.scheduler
-                .call(|reply| Command::StopRunning {
-                    reason: "the loop was stopped with --now".into(),
-                    reply,
-                })
-                .await??;
+                .stop_running("the loop was stopped with --now".into())
+                .await?;
         }
         Ok(status)
     }
@@ -228,11 +225,11 @@ impl Loop {
                 _ = check_tick.tick() => self.check_queue().await,
             }
         }
-        let _ = self.scheduler.send(Command::SetDispatch { enabled: false });
+        let _ = self.scheduler.set_dispatch(false);
     }
 
     fn set_dispatch(&self, enabled: bool) {
-        let _ = self.scheduler.send(Command::SetDispatch { enabled });
+        let _ = self.scheduler.set_dispatch(enabled);
     }
 
     async fn check_queue(&mut self) {
@@ -244,7 +241,7 @@ impl Loop {
             self.set_dispatch(true);
             return;
         }
-        let Ok(stats) = self.scheduler.call(|reply| Command::Stats { reply }).await else {
+        let Ok(stats) = self.scheduler.stats().await else {
             return;
         };
         match self.cycle_started {

@@ -22,7 +22,7 @@ use crate::model::{Priority, TaskId, TaskState, now_ms};
 use crate::reconcile::Coverage;
 use crate::reconciler::{ReconcileProgress, ReconcileSummary};
 use crate::reload::Reloader;
-use crate::scheduler::{AgentSnapshot, Command, Handle, RetrySelection, WaitingNote};
+use crate::scheduler::{AgentSnapshot, Handle, RetrySelection, WaitingNote};
 use crate::store::{self, LogFilter, Readers, TaskFilter, TaskRow};
 
 /// The default and largest page of ListTasks.
@@ -175,14 +175,8 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<pb::StatusReply>, Status> {
         let counts = self.readers.with(store::task_counts).await?;
         let backlog = self.readers.with(store::backlog_by_source).await?;
-        let report = self
-            .scheduler
-            .call(|reply| Command::Report { reply })
-            .await?;
-        let agents = self
-            .scheduler
-            .call(|reply| Command::Agents { reply })
-            .await?;
+        let report = self.scheduler.report().await?;
+        let agents = self.scheduler.agents().await?;
         let tasks = TaskState::ALL
             .into_iter()
             .map(|state| {
@@ -254,20 +248,14 @@ impl pb::control_server::Control for ControlService {
             .readers
             .with(move |conn| store::list_tasks(conn, &filter))
             .await?;
-        let progress = self
-            .scheduler
-            .call(|reply| Command::Progress { reply })
-            .await?;
+        let progress = self.scheduler.progress_map().await?;
         let catalog = self.scheduler.catalog();
         let next_page_token = if rows.len() == limit as usize {
             rows.last().map(|r| r.id.0.to_string()).unwrap_or_default()
         } else {
             String::new()
         };
-        let report = self
-            .scheduler
-            .call(|reply| Command::Report { reply })
-            .await?;
+        let report = self.scheduler.report().await?;
         Ok(Response::new(pb::ListTasksReply {
             tasks: rows
                 .iter()
@@ -292,10 +280,7 @@ impl pb::control_server::Control for ControlService {
                 Ok((row, store::attempts(conn, id)?))
             })
             .await?;
-        let progress = self
-            .scheduler
-            .call(|reply| Command::Progress { reply })
-            .await?;
+        let progress = self.scheduler.progress_map().await?;
         Ok(Response::new(pb::TaskDetail {
             task: Some(task_pb(
                 &row,
@@ -325,10 +310,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         _request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsReply>, Status> {
-        let connected = self
-            .scheduler
-            .call(|reply| Command::Agents { reply })
-            .await?;
+        let connected = self.scheduler.agents().await?;
         let since = now_ms() - RECENT_AGENTS_MS;
         let recent = self
             .readers
@@ -619,10 +601,7 @@ impl pb::control_server::Control for ControlService {
             }
             RetrySelection::State(state, (!req.source.is_empty()).then_some(req.source))
         };
-        let (retried, skipped) = self
-            .scheduler
-            .call(|reply| Command::Retry { which, reply })
-            .await??;
+        let (retried, skipped) = self.scheduler.retry(which).await?;
         Ok(Response::new(pb::RetryReply {
             retried: retried.iter().map(|id| id.0).collect(),
             skipped,
@@ -647,11 +626,8 @@ impl pb::control_server::Control for ControlService {
         let agent_id = request.into_inner().agent_id;
         let running = self
             .scheduler
-            .call(|reply| Command::DrainAgent {
-                agent: crate::model::AgentId(agent_id.clone()),
-                reply,
-            })
-            .await??;
+            .drain_agent(crate::model::AgentId(agent_id.clone()))
+            .await?;
         Ok(Response::new(pb::DrainAgentReply {
             agent_id,
             running_tasks: running.iter().map(|t| t.0).collect(),
@@ -664,14 +640,7 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<pb::CancelReply>, Status> {
         let req = request.into_inner();
         let reason: String = req.reason.chars().take(500).collect();
-        let previous = self
-            .scheduler
-            .call(|reply| Command::Cancel {
-                id: TaskId(req.task_id),
-                reason,
-                reply,
-            })
-            .await??;
+        let previous = self.scheduler.cancel(TaskId(req.task_id), reason).await?;
         Ok(Response::new(pb::CancelReply {
             task_id: req.task_id,
             previous_state: pb::TaskState::from(previous) as i32,

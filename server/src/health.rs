@@ -21,7 +21,7 @@ use crate::config::{AlertsConfig, FailureRateRule};
 use crate::lake::SharedLake;
 use crate::logs::Event;
 use crate::model::{UnixMs, now_ms};
-use crate::scheduler::{Command, Handle};
+use crate::scheduler::Handle;
 
 /// How often components are checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -452,7 +452,7 @@ pub async fn run(
         }
         let now = now_ms();
         let mut findings = Findings::new();
-        match scheduler.call(|reply| Command::Report { reply }).await {
+        match scheduler.report().await {
             Ok(report) => {
                 samples.push_back((now, report.stats.done_total, report.stats.failed_total));
                 let window =

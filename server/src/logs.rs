@@ -40,6 +40,37 @@ impl LogBus {
     }
 }
 
+/// Which stream a scraper's output line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// Not said.
+    Unknown,
+}
+
+impl From<OutputStream> for pb::OutputStream {
+    fn from(stream: OutputStream) -> Self {
+        match stream {
+            OutputStream::Stdout => pb::OutputStream::Stdout,
+            OutputStream::Stderr => pb::OutputStream::Stderr,
+            OutputStream::Unknown => pb::OutputStream::Unspecified,
+        }
+    }
+}
+
+impl From<pb::OutputStream> for OutputStream {
+    fn from(stream: pb::OutputStream) -> Self {
+        match stream {
+            pb::OutputStream::Stdout => OutputStream::Stdout,
+            pb::OutputStream::Stderr => OutputStream::Stderr,
+            pb::OutputStream::Unspecified => OutputStream::Unknown,
+        }
+    }
+}
+
 /// Builds server event rows.
 #[derive(Debug, Clone, Default)]
 pub struct Event {
@@ -61,6 +92,30 @@ impl Event {
                 message: message.into(),
             },
         }
+    }
+
+    /// A debug event.
+    pub fn debug(message: impl Into<String>) -> Self {
+        Event::new(pb::LogLevel::Debug, message)
+    }
+
+    /// A line a scraper printed on `stream`: a warning on stderr, info
+    /// otherwise.
+    pub fn output(stream: OutputStream, text: impl Into<String>) -> Self {
+        let level = if stream == OutputStream::Stderr {
+            pb::LogLevel::Warn
+        } else {
+            pb::LogLevel::Info
+        };
+        let mut event = Event::new(level, text);
+        event.row.stream = pb::OutputStream::from(stream) as i32;
+        event
+    }
+
+    /// At `at` rather than now.
+    pub fn at(mut self, at: crate::model::UnixMs) -> Self {
+        self.row.at = at;
+        self
     }
 
     /// An info event.

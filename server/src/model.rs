@@ -24,7 +24,12 @@ pub struct LeaseId(pub String);
 impl LeaseId {
     /// A new random lease id (`l-` and 16 hex digits).
     pub fn generate() -> Self {
-        LeaseId(format!("l-{:016x}", rand::random::<u64>()))
+        LeaseId::from_random(rand::random::<u64>())
+    }
+
+    /// The lease id made of the random number `n`.
+    pub fn from_random(n: u64) -> Self {
+        LeaseId(format!("l-{n:016x}"))
     }
 }
 

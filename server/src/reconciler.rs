@@ -25,7 +25,7 @@ use crate::observed::{ObservedIndex, ObservedObject};
 use crate::reconcile::{
     Coverage, Plan, PlanSource, Planner, QueueView, for_each_product, nth_partition,
 };
-use crate::scheduler::{Command, Handle, PlannedTask};
+use crate::scheduler::{Handle, PlannedTask};
 
 /// How many listing pages may wait for the reconciler at once.
 const PAGES_IN_FLIGHT: usize = 64;
@@ -192,10 +192,7 @@ impl Reconciler {
         ))
         .await;
 
-        let view = self
-            .scheduler
-            .call(|reply| Command::QueueView { reply })
-            .await??;
+        let view = self.scheduler.queue_view().await?;
         let catalog = self.catalog.clone();
         let index = observation.index;
         let observed_objects = index.present() as u64;
@@ -230,14 +227,7 @@ impl Reconciler {
         ))
         .await;
 
-        let created = self
-            .scheduler
-            .call(|reply| Command::ApplyPlan {
-                tasks,
-                observed_at,
-                reply,
-            })
-            .await??;
+        let created = self.scheduler.apply_plan(tasks, observed_at).await?;
         report(ReconcileProgress::Phase(
             "apply",
             format!("{created} tasks created or reopened"),

@@ -16,7 +16,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::logs::Event;
-use crate::scheduler::{Command, Handle};
+use crate::scheduler::Handle;
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,9 +98,7 @@ impl Reloader {
             catalog.scrapers.len(),
             catalog.limits.len()
         );
-        self.scheduler
-            .call(|reply| Command::Reload { catalog, reply })
-            .await?;
+        self.scheduler.reload(catalog).await?;
         // Certificates stay as started (a restart applies them); tokens apply now.
         self.auth
             .replace(Policy::new(&config.auth, self.running.tls.as_ref()));

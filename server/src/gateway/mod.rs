@@ -10,8 +10,12 @@
 //! services ([`Gateway::into_service`], [`control_service`]) and the transport
 //! ([`apply_transport_limits`]).
 //!
+//! Wire messages become the scheduler's domain types (and back) in `wire.rs`.
+//!
 //! Architecture invariant: an object reaches the lake only through an upload
 //! whose lease is live, held by the uploading agent, and expects that key.
+
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant};
 use adce_proto::v1 as pb;
 use adce_proto::v1::agent_message::Kind as In;
 use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
@@ -31,7 +36,7 @@ use crate::error::Error;
 use crate::lake::{SharedLake, validate_key};
 use crate::logs::Event;
 use crate::model::{AgentId, LeaseId};
-use crate::scheduler::{AdmissionLimits, AgentEvent, Command, Handle, LeaseInfo, ObjectCheck};
+use crate::scheduler::{AdmissionLimits, Handle, LeaseInfo, ObjectCheck, TaskResult};
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -251,39 +256,31 @@ async fn check_objects(lake: &SharedLake, keys: &[String], min_bytes: u64) -> Ob
 }
 
 /// Judges a result: looks up the lease, checks the lake, hands it to the scheduler.
-async fn complete(scheduler: Handle, lake: SharedLake, agent: AgentId, result: pb::TaskResult) {
-    let lease = LeaseId(result.lease_id.clone());
+async fn complete(scheduler: Handle, lake: SharedLake, agent: AgentId, result: TaskResult) {
+    let lease = result.lease.clone();
     let info = scheduler
-        .call(|reply| Command::LeaseInfo {
-            lease: lease.clone(),
-            agent: Some(agent.clone()),
-            reply,
-        })
-        .await
-        .and_then(|r| r);
+        .lease_info(lease.clone(), Some(agent.clone()))
+        .await;
     let check = match &info {
-        Ok(info) if result.outcome == pb::Outcome::Exited as i32 && result.exit_code == 0 => {
+        Ok(info) if result.outcome.claims_success() => {
             check_objects(&lake, &info.expected_keys, info.min_bytes).await
         }
         _ => ObjectCheck::default(),
     };
     // The scheduler re-checks the lease and logs a refused result itself.
-    let outcome = scheduler
-        .call(|reply| Command::Complete {
-            agent: agent.clone(),
-            result,
-            check,
-            reply,
-        })
-        .await;
-    if let Ok(Err(e)) | Err(e) = outcome {
+    if let Err(e) = scheduler.complete(agent.clone(), result, check).await {
         debug!(agent = %agent, lease = %lease, error = %e, "result not applied");
     }
 }
 
+/// The stream of a Connect call: the scheduler's messages on the wire.
+type ConnectStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::ServerMessage, Status>> + Send + 'static>,
+>;
+
 #[tonic::async_trait]
 impl pb::agent_gateway_server::AgentGateway for Gateway {
-    type ConnectStream = UnboundedReceiverStream<Result<pb::ServerMessage, Status>>;
+    type ConnectStream = ConnectStream;
 
     async fn connect(
         &self,
@@ -313,23 +310,14 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         );
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.scheduler
-            .call(|reply| Command::Connect {
-                hello,
-                address,
-                conn_id,
-                tx,
-                limits: self.limits.admission,
-                reply,
-            })
-            .await??;
+            .connect(hello.into(), address, conn_id, tx, self.limits.admission)
+            .await?;
         let scheduler = self.scheduler.clone();
         let lake = self.lake.clone();
         tokio::spawn(async move {
             let mut bucket = MessageBucket::new(per_sec, burst, Instant::now());
-            let cut_off = |status: Status| Command::CutOff {
-                agent: agent.clone(),
-                conn_id,
-                status,
+            let cut_off = |message: String| {
+                let _ = scheduler.cut_off(agent.clone(), conn_id, Error::TooLarge(message));
             };
             loop {
                 let message = match inbound.message().await {
@@ -338,10 +326,10 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                     // Tonic refuses a message above the decoding limit with
                     // OUT_OF_RANGE; the stream cannot go on after it.
                     Err(status) if status.code() == Code::OutOfRange => {
-                        let _ = scheduler.send(cut_off(Status::resource_exhausted(format!(
+                        cut_off(format!(
                             "message above the size limit (server.max_message_bytes): {}",
                             status.message()
-                        ))));
+                        ));
                         return;
                     }
                     Err(status) => {
@@ -350,24 +338,33 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                     }
                 };
                 if !bucket.take(Instant::now()) {
-                    let _ = scheduler.send(cut_off(Status::resource_exhausted(format!(
+                    cut_off(format!(
                         "more than {per_sec:.0} messages a second (burst {burst:.0}; server.agent_messages per slot)"
-                    ))));
+                    ));
                     return;
                 }
-                let event = match message.kind {
-                    Some(In::Heartbeat(hb)) => AgentEvent::Heartbeat(hb),
-                    Some(In::Progress(p)) => AgentEvent::Progress(p),
-                    Some(In::LogLines(lines)) => AgentEvent::LogLines(lines),
-                    Some(In::Draining(draining)) => AgentEvent::Draining(draining),
+                let agent_id = agent.clone();
+                let sent = match message.kind {
+                    Some(In::Heartbeat(hb)) => scheduler.heartbeat(
+                        agent_id,
+                        hb.running_leases.into_iter().map(LeaseId).collect(),
+                    ),
+                    Some(In::Progress(p)) => {
+                        scheduler.progress(agent_id, LeaseId(p.lease_id), p.fraction)
+                    }
+                    Some(In::LogLines(lines)) => {
+                        let (lease, lines) = wire::output_lines(lines);
+                        scheduler.output(agent_id, lease, lines)
+                    }
+                    Some(In::Draining(draining)) => scheduler.draining(agent_id, draining.reason),
                     Some(In::Result(result)) => {
                         tokio::spawn(complete(
                             scheduler.clone(),
                             lake.clone(),
-                            agent.clone(),
-                            result,
+                            agent_id,
+                            result.into(),
                         ));
-                        continue;
+                        Ok(())
                     }
                     Some(In::Hello(_)) | None => {
                         scheduler.log(
@@ -375,22 +372,18 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
                                 .agent(agent.0.clone())
                                 .row(),
                         );
-                        continue;
+                        Ok(())
                     }
                 };
-                if scheduler
-                    .send(Command::FromAgent {
-                        agent: agent.clone(),
-                        event,
-                    })
-                    .is_err()
-                {
+                if sent.is_err() {
                     break;
                 }
             }
-            let _ = scheduler.send(Command::Disconnect { agent, conn_id });
+            let _ = scheduler.disconnect(agent, conn_id);
         });
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(
+            UnboundedReceiverStream::new(rx).map(wire::server_message),
+        )))
     }
 
     async fn upload(
@@ -418,16 +411,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             .into());
         }
         let lease = LeaseId(header.lease_id.clone());
-        let lease_info = |lease: LeaseId| async {
-            self.scheduler
-                .call(|reply| Command::LeaseInfo {
-                    lease,
-                    agent: None,
-                    reply,
-                })
-                .await
-                .and_then(|r| r)
-        };
+        let lease_info = |lease: LeaseId| self.scheduler.lease_info(lease, None);
         let info = lease_info(lease.clone()).await?;
         if let Err(status) = confine(&header, &info) {
             warn!(
@@ -501,14 +485,8 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             .map(|b| format!("{b:02x}"))
             .collect();
         self.scheduler
-            .call(|reply| Command::RecordUpload {
-                lease,
-                key: header.key.clone(),
-                size: meta.size,
-                sha256: sha256.clone(),
-                reply,
-            })
-            .await??;
+            .record_upload(lease, header.key.clone(), meta.size, sha256.clone())
+            .await?;
         Ok(Response::new(pb::UploadReply {
             key: header.key,
             size: meta.size,
@@ -706,9 +684,7 @@ sources:
     impl Drop for Bench {
         fn drop(&mut self) {
             self.stop.cancel();
-            let _ = self.sched.send(Command::Shutdown {
-                reply: tokio::sync::oneshot::channel().0,
-            });
+            self.sched.stop();
         }
     }
 
@@ -758,16 +734,8 @@ sources:
                 keys: vec![format!("a/{item}.json")],
             })
             .collect();
-        sched
-            .call(|reply| Command::ApplyPlan {
-                tasks,
-                observed_at: 0,
-                reply,
-            })
-            .await
-            .unwrap()
-            .unwrap();
-        sched.send(Command::SetDispatch { enabled: true }).unwrap();
+        sched.apply_plan(tasks, 0).await.unwrap();
+        sched.set_dispatch(true).unwrap();
         Bench {
             dir,
             lake_root,
@@ -823,7 +791,7 @@ sources:
 
         async fn agents(&self) -> BTreeSet<String> {
             self.sched
-                .call(|reply| Command::Agents { reply })
+                .agents()
                 .await
                 .unwrap()
                 .into_iter()
@@ -1044,10 +1012,7 @@ sources:
         let mut agent = bench.agent("a", 2).await.unwrap();
         bench
             .sched
-            .send(Command::AnnounceStop {
-                reason: "shutting down".into(),
-                grace: Duration::from_secs(60),
-            })
+            .announce_stop("shutting down".into(), Duration::from_secs(60))
             .unwrap();
         match next(&mut agent.rx).await {
             Ok(Some(Out::Stopping(stopping))) => {
@@ -1068,22 +1033,9 @@ sources:
             reason: GapReason::Missing,
             keys: vec!["a/1.json".into()],
         };
-        let created = bench
-            .sched
-            .call(|reply| Command::ApplyPlan {
-                tasks: vec![planned],
-                observed_at: 0,
-                reply,
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let created = bench.sched.apply_plan(vec![planned], 0).await.unwrap();
         assert_eq!(created, 1);
-        let stats = bench
-            .sched
-            .call(|reply| Command::Stats { reply })
-            .await
-            .unwrap();
+        let stats = bench.sched.stats().await.unwrap();
         assert_eq!((stats.ready, stats.leased), (1, 0));
         // An agent connecting now hears it too.
         let mut late = bench.agent("late", 1).await.unwrap();
@@ -1101,10 +1053,10 @@ sources:
         }
         bench
             .sched
-            .send(Command::SetLogRetention(crate::config::LogRetention {
+            .set_log_retention(crate::config::LogRetention {
                 max_age: Duration::from_secs(3600),
                 max_rows: 5,
-            }))
+            })
             .unwrap();
         let readers = Arc::new(crate::store::Readers::new(&bench.dir.path().join("state")));
         let filter = crate::store::LogFilter::default();

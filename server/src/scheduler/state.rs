@@ -1,0 +1,207 @@
+//! The scheduler's in-memory state, shared by the decision modules (each adds
+//! its own `impl State` block): active tasks, live leases, connected agents,
+//! the ready queue, limit groups and counters. Only the run loop owns it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use rand::RngCore;
+
+use super::output::LineBudget;
+use super::queue::ReadyQueue;
+use super::{AgentTx, CatalogCell, QueueStats, SchedulerOptions, StopNotice};
+use crate::catalog::Catalog;
+use crate::limits::{LimitGroups, Permit};
+use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, UnixMs};
+
+/// A pending or leased task.
+#[derive(Debug)]
+pub(super) struct Active {
+    pub id: TaskId,
+    pub source: Arc<str>,
+    pub scraper: Arc<str>,
+    pub partition: Partition,
+    pub keys: Vec<String>,
+    pub priority: Priority,
+    pub attempts: u32,
+    pub ready_at: UnixMs,
+    pub lease: Option<Lease>,
+    pub progress: f64,
+}
+
+impl Active {
+    /// A pending task, not yet leased.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pending(
+        id: TaskId,
+        source: Arc<str>,
+        scraper: Arc<str>,
+        partition: Partition,
+        keys: Vec<String>,
+        priority: Priority,
+        attempts: u32,
+        ready_at: UnixMs,
+    ) -> Self {
+        Active {
+            id,
+            source,
+            scraper,
+            partition,
+            keys,
+            priority,
+            attempts,
+            ready_at,
+            lease: None,
+            progress: 0.0,
+        }
+    }
+}
+
+/// A live lease.
+#[derive(Debug, Clone)]
+pub(super) struct Lease {
+    pub id: LeaseId,
+    pub agent: AgentId,
+    pub deadline: UnixMs,
+}
+
+/// A connected agent.
+#[derive(Debug)]
+pub(super) struct Agent {
+    pub conn_id: u64,
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub slots: u32,
+    pub version: String,
+    pub address: String,
+    pub connected_at: UnixMs,
+    pub last_seen: UnixMs,
+    pub tx: AgentTx,
+    pub running: BTreeSet<LeaseId>,
+    pub eligible: Vec<Arc<str>>,
+    /// Finishing its tasks; gets no new ones.
+    pub draining: bool,
+}
+
+pub(super) struct State {
+    pub catalog: Arc<Catalog>,
+    pub opts: SchedulerOptions,
+    pub tasks: HashMap<TaskId, Active>,
+    pub by_partition: HashMap<(Arc<str>, String), TaskId>,
+    pub leases: HashMap<LeaseId, TaskId>,
+    pub queue: ReadyQueue,
+    pub agents: BTreeMap<AgentId, Agent>,
+    pub names: HashMap<String, Arc<str>>,
+    pub dispatch_enabled: bool,
+    pub rr: usize,
+    pub limits: LimitGroups,
+    pub permits: HashMap<LeaseId, Permit>,
+    /// Scrapers with ready tasks and no eligible connected agent: since when,
+    /// and whether that was logged.
+    pub unroutable: HashMap<Arc<str>, (UnixMs, bool)>,
+    /// Where readers find the catalog in force.
+    pub cell: CatalogCell,
+    /// Tasks done and attempts failed since start, for cycle numbers.
+    pub done_total: u64,
+    pub failed_total: u64,
+    /// Output budget per running lease.
+    pub line_budgets: HashMap<LeaseId, LineBudget>,
+    /// When log entries were last pruned.
+    pub pruned_at: UnixMs,
+    /// How long log entries are kept.
+    pub retention: crate::config::LogRetention,
+    /// The server announced its stop, with this notice: nothing is assigned
+    /// any more, and agents that connect from now on get the notice too.
+    pub stopping: Option<StopNotice>,
+    /// Lease ids and retry jitter.
+    pub rng: Box<dyn RngCore + Send>,
+}
+
+impl State {
+    /// An empty state for `catalog`.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        opts: SchedulerOptions,
+        cell: CatalogCell,
+        rng: Box<dyn RngCore + Send>,
+        now: UnixMs,
+    ) -> Self {
+        State {
+            limits: LimitGroups::new(&catalog.limits, now),
+            catalog,
+            opts,
+            tasks: HashMap::new(),
+            by_partition: HashMap::new(),
+            leases: HashMap::new(),
+            queue: ReadyQueue::default(),
+            agents: BTreeMap::new(),
+            names: HashMap::new(),
+            dispatch_enabled: false,
+            rr: 0,
+            permits: HashMap::new(),
+            unroutable: HashMap::new(),
+            cell,
+            done_total: 0,
+            failed_total: 0,
+            line_budgets: HashMap::new(),
+            pruned_at: 0,
+            retention: crate::config::LogRetention::default(),
+            stopping: None,
+            rng,
+        }
+    }
+
+    /// The one shared copy of a source or scraper name.
+    pub fn intern(&mut self, name: &str) -> Arc<str> {
+        self.names
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::from(name))
+            .clone()
+    }
+
+    /// The limit groups a scraper belongs to.
+    pub fn scraper_groups(&self, scraper: &str) -> Vec<String> {
+        self.catalog
+            .scrapers
+            .get(scraper)
+            .map(|s| s.limits.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn lease_ttl_ms(&self) -> i64 {
+        super::verdict::millis(self.opts.lease_ttl)
+    }
+
+    /// Adds an active task to memory: the partition index and, when it is
+    /// not leased, the ready queue.
+    pub fn remember(&mut self, task: Active, now: UnixMs) {
+        self.by_partition
+            .insert((task.source.clone(), task.partition.key()), task.id);
+        if task.lease.is_none() {
+            self.queue
+                .insert(&task.scraper, task.priority, task.ready_at, task.id, now);
+        }
+        self.tasks.insert(task.id, task);
+    }
+
+    /// Drops a task that left the active states from memory.
+    pub fn forget(&mut self, id: TaskId) {
+        if let Some(task) = self.tasks.remove(&id) {
+            self.queue
+                .remove(&task.scraper, task.priority, task.ready_at, id);
+            self.by_partition
+                .remove(&(task.source.clone(), task.partition.key()));
+        }
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        QueueStats {
+            ready: self.queue.ready_len() as u64,
+            delayed: self.queue.delayed_len() as u64,
+            leased: self.leases.len() as u64,
+            dispatching: self.dispatch_enabled,
+            done_total: self.done_total,
+            failed_total: self.failed_total,
+        }
+    }
+}
