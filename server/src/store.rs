@@ -86,7 +86,17 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_by_task ON logs (task_id, seq);
 "#;
 
+/// How many prepared statements a connection keeps: every statement of the
+/// write path, so none is parsed again per call.
+const STATEMENT_CACHE: usize = 64;
+
+/// Runs `sql` with `params` through the connection's statement cache.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
@@ -334,7 +344,7 @@ pub fn upsert_task(
     let keys = serde_json::to_string(task.expected_keys)
         .map_err(|e| Error::Internal(format!("cannot encode keys: {e}")))?;
     let id = tx
-        .query_row(
+        .prepare_cached(
             "INSERT INTO tasks (source, partition_key, partition_json, scraper, state, priority, \
                  reason, attempts, ready_at, last_error, expected_keys, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, 0, ?7, '', ?8, ?7, ?7) \
@@ -347,6 +357,8 @@ pub fn upsert_task(
              WHERE (tasks.state = 'done' AND tasks.finished_at < ?9) \
                 OR (tasks.state = 'unavailable' AND tasks.ready_at <= ?7) \
              RETURNING id",
+        )?
+        .query_row(
             params![
                 task.source,
                 task.partition.key(),
@@ -373,12 +385,12 @@ pub fn lease_task(
     agent: &AgentId,
     now: UnixMs,
 ) -> Result<()> {
-    tx.execute(
+    exec(tx, 
         "UPDATE tasks SET state = 'leased', attempts = ?2, lease_id = ?3, agent_id = ?4, \
              updated_at = ?5 WHERE id = ?1",
         params![id.0, attempt, lease.0, agent.0, now],
     )?;
-    tx.execute(
+    exec(tx, 
         "INSERT OR REPLACE INTO attempts (task_id, number, lease_id, agent_id, started_at) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
         params![id.0, attempt, lease.0, agent.0, now],
@@ -403,7 +415,7 @@ pub struct AttemptEnd<'a> {
 
 /// Closes an attempt row.
 pub fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd<'_>, now: UnixMs) -> Result<()> {
-    tx.execute(
+    exec(tx, 
         "UPDATE attempts SET ended_at = ?3, exit_code = ?4, outcome = ?5, error = ?6 \
          WHERE task_id = ?1 AND number = ?2",
         params![
@@ -428,7 +440,7 @@ pub fn set_task_state(
     now: UnixMs,
 ) -> Result<()> {
     let finished = (!state.is_active()).then_some(now);
-    tx.execute(
+    exec(tx, 
         "UPDATE tasks SET state = ?2, ready_at = ?3, last_error = ?4, lease_id = NULL, \
              agent_id = NULL, updated_at = ?5, finished_at = ?6 WHERE id = ?1",
         params![id.0, state.as_str(), ready_at, last_error, now, finished],
@@ -440,7 +452,7 @@ pub fn set_task_state(
 /// `now`, attempts reset. Returns the task as it is now, or `None` when it is
 /// in another state (or does not exist).
 pub fn retry_task(tx: &Transaction<'_>, id: TaskId, now: UnixMs) -> Result<Option<TaskRow>> {
-    let changed = tx.execute(
+    let changed = exec(tx, 
         "UPDATE tasks SET state = 'pending', attempts = 0, ready_at = ?2, last_error = '', \
              lease_id = NULL, agent_id = NULL, updated_at = ?2, finished_at = NULL \
          WHERE id = ?1 AND state IN ('dead', 'cancelled', 'unavailable')",
@@ -476,7 +488,7 @@ pub fn set_task_priority(
     priority: Priority,
     now: UnixMs,
 ) -> Result<()> {
-    tx.execute(
+    exec(tx, 
         "UPDATE tasks SET priority = ?2, updated_at = ?3 WHERE id = ?1",
         params![id.0, priority.as_i64(), now],
     )?;
@@ -485,7 +497,7 @@ pub fn set_task_priority(
 
 /// Sets a task's attempt count (an operator-cancelled attempt is not counted).
 pub fn set_task_attempts(tx: &Transaction<'_>, id: TaskId, attempts: u32) -> Result<()> {
-    tx.execute(
+    exec(tx, 
         "UPDATE tasks SET attempts = ?2 WHERE id = ?1",
         params![id.0, attempts],
     )?;
@@ -546,7 +558,7 @@ pub fn insert_upload(
     sha256: &str,
     now: UnixMs,
 ) -> Result<()> {
-    tx.execute(
+    exec(tx, 
         "INSERT INTO uploads (task_id, attempt, lease_id, key, size, sha256, at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -586,7 +598,7 @@ pub struct AgentRow {
 /// Inserts or updates an agent.
 pub fn upsert_agent(tx: &Transaction<'_>, agent: &AgentRow) -> Result<()> {
     let labels = serde_json::to_string(&agent.labels).unwrap_or_else(|_| "{}".into());
-    tx.execute(
+    exec(tx, 
         "INSERT INTO agents (id, hostname, labels_json, slots, version, address, connected_at, \
              last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
          ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
@@ -609,7 +621,7 @@ pub fn upsert_agent(tx: &Transaction<'_>, agent: &AgentRow) -> Result<()> {
 
 /// Updates an agent's last-seen time.
 pub fn touch_agent(tx: &Transaction<'_>, id: &AgentId, now: UnixMs) -> Result<()> {
-    tx.execute(
+    exec(tx, 
         "UPDATE agents SET last_seen = ?2 WHERE id = ?1",
         params![id.0, now],
     )?;
@@ -661,7 +673,7 @@ pub struct LogRow {
 
 /// Inserts a log entry and returns its sequence number.
 pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
-    tx.execute(
+    exec(tx, 
         "INSERT INTO logs (at, level, task_id, agent_id, source, stream, message) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -682,9 +694,9 @@ pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
 /// reused (AUTOINCREMENT), so followers resuming after a pruned entry still
 /// get what comes next.
 pub fn prune_logs(tx: &Transaction<'_>, before: UnixMs, keep_rows: u64) -> Result<u64> {
-    let by_age = tx.execute("DELETE FROM logs WHERE at < ?1", params![before])?;
+    let by_age = exec(tx, "DELETE FROM logs WHERE at < ?1", params![before])?;
     let keep = i64::try_from(keep_rows).unwrap_or(i64::MAX);
-    let by_size = tx.execute(
+    let by_size = exec(tx, 
         "DELETE FROM logs WHERE seq <= (SELECT MAX(seq) FROM logs) - ?1",
         params![keep],
     )?;
