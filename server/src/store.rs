@@ -19,7 +19,9 @@ pub const DB_FILE: &str = "adce.db";
 /// How many idle read connections are kept.
 const READ_POOL_SIZE: usize = 4;
 
-const SCHEMA: &str = r#"
+/// The first schema (states before versioning carry user_version 0 and
+/// this schema, so it is written to apply to them unchanged).
+const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS tasks (
     id             INTEGER PRIMARY KEY,
     source         TEXT    NOT NULL,
@@ -86,6 +88,53 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_by_task ON logs (task_id, seq);
 "#;
 
+/// Version 2: task counts by (state, priority, source, scraper), kept by the
+/// scheduler in the same transactions as the tasks, so status never counts
+/// the task table; and the index the ready queue is refilled from.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE task_counts (
+    state    TEXT    NOT NULL,
+    priority INTEGER NOT NULL,
+    source   TEXT    NOT NULL,
+    scraper  TEXT    NOT NULL,
+    n        INTEGER NOT NULL,
+    PRIMARY KEY (state, priority, source, scraper)
+) WITHOUT ROWID;
+INSERT INTO task_counts (state, priority, source, scraper, n)
+    SELECT state, priority, source, scraper, COUNT(*) FROM tasks
+    GROUP BY state, priority, source, scraper;
+CREATE INDEX tasks_ready ON tasks (scraper, priority, ready_at, id) WHERE state = 'pending';
+"#;
+
+/// Every schema version in order; `PRAGMA user_version` is how many of them
+/// a state directory has applied.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Brings the schema up to date in one transaction, or refuses a state
+/// directory written by a newer adce.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(Error::FailedPrecondition(format!(
+            "the state in {} has schema version {version}, written by a newer adce; this adce \
+             knows versions up to {known}: run the newer adce, or point server.state_dir elsewhere",
+            path.display()
+        )));
+    }
+    if version == known {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for (n, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(migration)?;
+        tracing::info!(version = n + 1, "state schema migrated");
+    }
+    tx.pragma_update(None, "user_version", known)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// How many prepared statements a connection keeps: every statement of the
 /// write path, so none is parsed again per call.
 const STATEMENT_CACHE: usize = 64;
@@ -110,13 +159,14 @@ pub fn open_writer(state_dir: &Path) -> Result<Connection> {
             state_dir.display()
         ))
     })?;
-    let conn = Connection::open(state_dir.join(DB_FILE))?;
+    let path = state_dir.join(DB_FILE);
+    let mut conn = Connection::open(&path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL in WAL mode survives a process crash (SIGKILL); only an OS crash
     // or power loss can lose the last transactions.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     configure(&conn)?;
-    conn.execute_batch(SCHEMA)?;
+    migrate(&mut conn, &path)?;
     Ok(conn)
 }
 
@@ -331,16 +381,56 @@ pub struct NewTask<'a> {
     pub expected_keys: &'a [String],
 }
 
+/// Where an existing task was before a plan reopened it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reopened {
+    /// Its state.
+    pub state: TaskState,
+    /// Its priority.
+    pub priority: Priority,
+    /// Its scraper.
+    pub scraper: String,
+}
+
+/// The task of `source`'s partition `partition_key`, if any.
+fn task_of_partition(
+    tx: &Transaction<'_>,
+    source: &str,
+    partition_key: &str,
+) -> Result<Option<Reopened>> {
+    let row: Option<(String, i64, String)> = tx
+        .prepare_cached(
+            "SELECT state, priority, scraper FROM tasks WHERE source = ?1 AND partition_key = ?2",
+        )?
+        .query_row(params![source, partition_key], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    Ok(row.and_then(|(state, priority, scraper)| {
+        Some(Reopened {
+            state: TaskState::parse(&state)?,
+            priority: Priority::from_i64(priority),
+            scraper,
+        })
+    }))
+}
+
 /// Creates the task, or reopens an existing one for the same partition when
 /// that one is done and finished before `observed_at` (or is unavailable and
-/// due for its recheck). Returns the id of the now-pending task, or `None` when
-/// the existing task must be left alone.
+/// due for its recheck). Returns the id of the now-pending task and what it
+/// was before (`None`: new), or `None` when the existing task must be left
+/// alone.
 pub fn upsert_task(
     tx: &Transaction<'_>,
     task: &NewTask<'_>,
     now: UnixMs,
     observed_at: UnixMs,
-) -> Result<Option<TaskId>> {
+) -> Result<Option<(TaskId, Option<Reopened>)>> {
+    let partition_key = task.partition.key();
+    let before = task_of_partition(tx, task.source, &partition_key)?;
+    if before.as_ref().is_some_and(|b| b.state.is_active()) {
+        return Ok(None);
+    }
     let keys = serde_json::to_string(task.expected_keys)
         .map_err(|e| Error::Internal(format!("cannot encode keys: {e}")))?;
     let id = tx
@@ -361,7 +451,7 @@ pub fn upsert_task(
         .query_row(
             params![
                 task.source,
-                task.partition.key(),
+                partition_key,
                 partition_to_json(task.partition),
                 task.scraper,
                 task.priority.as_i64(),
@@ -373,7 +463,7 @@ pub fn upsert_task(
             |row| row.get(0),
         )
         .optional()?;
-    Ok(id.map(TaskId))
+    Ok(id.map(|id| (TaskId(id), before)))
 }
 
 /// Records a new lease and its attempt row.
@@ -385,12 +475,14 @@ pub fn lease_task(
     agent: &AgentId,
     now: UnixMs,
 ) -> Result<()> {
-    exec(tx, 
+    exec(
+        tx,
         "UPDATE tasks SET state = 'leased', attempts = ?2, lease_id = ?3, agent_id = ?4, \
              updated_at = ?5 WHERE id = ?1",
         params![id.0, attempt, lease.0, agent.0, now],
     )?;
-    exec(tx, 
+    exec(
+        tx,
         "INSERT OR REPLACE INTO attempts (task_id, number, lease_id, agent_id, started_at) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
         params![id.0, attempt, lease.0, agent.0, now],
@@ -415,7 +507,8 @@ pub struct AttemptEnd<'a> {
 
 /// Closes an attempt row.
 pub fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd<'_>, now: UnixMs) -> Result<()> {
-    exec(tx, 
+    exec(
+        tx,
         "UPDATE attempts SET ended_at = ?3, exit_code = ?4, outcome = ?5, error = ?6 \
          WHERE task_id = ?1 AND number = ?2",
         params![
@@ -440,7 +533,8 @@ pub fn set_task_state(
     now: UnixMs,
 ) -> Result<()> {
     let finished = (!state.is_active()).then_some(now);
-    exec(tx, 
+    exec(
+        tx,
         "UPDATE tasks SET state = ?2, ready_at = ?3, last_error = ?4, lease_id = NULL, \
              agent_id = NULL, updated_at = ?5, finished_at = ?6 WHERE id = ?1",
         params![id.0, state.as_str(), ready_at, last_error, now, finished],
@@ -449,10 +543,18 @@ pub fn set_task_state(
 }
 
 /// Puts a dead, cancelled or unavailable task back to pending, ready at
-/// `now`, attempts reset. Returns the task as it is now, or `None` when it is
-/// in another state (or does not exist).
-pub fn retry_task(tx: &Transaction<'_>, id: TaskId, now: UnixMs) -> Result<Option<TaskRow>> {
-    let changed = exec(tx, 
+/// `now`, attempts reset. Returns the task as it is now with the state it
+/// had, or `None` when it is in another state (or does not exist).
+pub fn retry_task(
+    tx: &Transaction<'_>,
+    id: TaskId,
+    now: UnixMs,
+) -> Result<Option<(TaskRow, TaskState)>> {
+    let Some(before) = get_task(tx, id)?.map(|row| row.state) else {
+        return Ok(None);
+    };
+    let changed = exec(
+        tx,
         "UPDATE tasks SET state = 'pending', attempts = 0, ready_at = ?2, last_error = '', \
              lease_id = NULL, agent_id = NULL, updated_at = ?2, finished_at = NULL \
          WHERE id = ?1 AND state IN ('dead', 'cancelled', 'unavailable')",
@@ -461,7 +563,7 @@ pub fn retry_task(tx: &Transaction<'_>, id: TaskId, now: UnixMs) -> Result<Optio
     if changed == 0 {
         return Ok(None);
     }
-    get_task(tx, id)
+    Ok(get_task(tx, id)?.map(|row| (row, before)))
 }
 
 /// Ids of the tasks in `state`, of `source` when given, oldest first.
@@ -488,7 +590,8 @@ pub fn set_task_priority(
     priority: Priority,
     now: UnixMs,
 ) -> Result<()> {
-    exec(tx, 
+    exec(
+        tx,
         "UPDATE tasks SET priority = ?2, updated_at = ?3 WHERE id = ?1",
         params![id.0, priority.as_i64(), now],
     )?;
@@ -497,7 +600,8 @@ pub fn set_task_priority(
 
 /// Sets a task's attempt count (an operator-cancelled attempt is not counted).
 pub fn set_task_attempts(tx: &Transaction<'_>, id: TaskId, attempts: u32) -> Result<()> {
-    exec(tx, 
+    exec(
+        tx,
         "UPDATE tasks SET attempts = ?2 WHERE id = ?1",
         params![id.0, attempts],
     )?;
@@ -506,44 +610,26 @@ pub fn set_task_attempts(tx: &Transaction<'_>, id: TaskId, attempts: u32) -> Res
 
 /// Task counts per (state, priority, source), for metrics.
 pub fn task_counts_by_source(conn: &Connection) -> Result<Vec<(TaskState, Priority, String, u64)>> {
-    let mut stmt = conn.prepare(
-        "SELECT state, priority, source, COUNT(*) FROM tasks GROUP BY state, priority, source",
-    )?;
-    let rows = stmt.query_map([], |row| {
-        let state: String = row.get(0)?;
-        let count: i64 = row.get(3)?;
-        Ok((
-            state,
-            row.get::<_, i64>(1)?,
-            row.get::<_, String>(2)?,
-            count,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (state, priority, source, count) = row?;
-        if let Some(state) = TaskState::parse(&state) {
-            out.push((
-                state,
-                Priority::from_i64(priority),
-                source,
-                u64::try_from(count).unwrap_or(0),
-            ));
-        }
+    let mut out: std::collections::BTreeMap<(TaskState, Priority, String), u64> =
+        std::collections::BTreeMap::new();
+    for (state, priority, source, _, n) in count_rows(conn)? {
+        *out.entry((state, priority, source)).or_default() += n;
     }
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|((state, priority, source), n)| (state, priority, source, n))
+        .collect())
 }
 
 /// Pending tasks per source.
 pub fn backlog_by_source(conn: &Connection) -> Result<Vec<(String, u64)>> {
-    let mut stmt = conn.prepare(
-        "SELECT source, COUNT(*) FROM tasks WHERE state = 'pending' GROUP BY source ORDER BY source",
-    )?;
-    let rows = stmt.query_map([], |row| {
-        let count: i64 = row.get(1)?;
-        Ok((row.get::<_, String>(0)?, u64::try_from(count).unwrap_or(0)))
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    let mut out: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for (state, _, source, _, n) in count_rows(conn)? {
+        if state == TaskState::Pending {
+            *out.entry(source).or_default() += n;
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// Records an upload.
@@ -558,7 +644,8 @@ pub fn insert_upload(
     sha256: &str,
     now: UnixMs,
 ) -> Result<()> {
-    exec(tx, 
+    exec(
+        tx,
         "INSERT INTO uploads (task_id, attempt, lease_id, key, size, sha256, at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -598,7 +685,8 @@ pub struct AgentRow {
 /// Inserts or updates an agent.
 pub fn upsert_agent(tx: &Transaction<'_>, agent: &AgentRow) -> Result<()> {
     let labels = serde_json::to_string(&agent.labels).unwrap_or_else(|_| "{}".into());
-    exec(tx, 
+    exec(
+        tx,
         "INSERT INTO agents (id, hostname, labels_json, slots, version, address, connected_at, \
              last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
          ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, \
@@ -621,7 +709,8 @@ pub fn upsert_agent(tx: &Transaction<'_>, agent: &AgentRow) -> Result<()> {
 
 /// Updates an agent's last-seen time.
 pub fn touch_agent(tx: &Transaction<'_>, id: &AgentId, now: UnixMs) -> Result<()> {
-    exec(tx, 
+    exec(
+        tx,
         "UPDATE agents SET last_seen = ?2 WHERE id = ?1",
         params![id.0, now],
     )?;
@@ -673,7 +762,8 @@ pub struct LogRow {
 
 /// Inserts a log entry and returns its sequence number.
 pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
-    exec(tx, 
+    exec(
+        tx,
         "INSERT INTO logs (at, level, task_id, agent_id, source, stream, message) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -696,7 +786,8 @@ pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
 pub fn prune_logs(tx: &Transaction<'_>, before: UnixMs, keep_rows: u64) -> Result<u64> {
     let by_age = exec(tx, "DELETE FROM logs WHERE at < ?1", params![before])?;
     let keep = i64::try_from(keep_rows).unwrap_or(i64::MAX);
-    let by_size = exec(tx, 
+    let by_size = exec(
+        tx,
         "DELETE FROM logs WHERE seq <= (SELECT MAX(seq) FROM logs) - ?1",
         params![keep],
     )?;
@@ -831,8 +922,9 @@ pub fn list_tasks(conn: &Connection, filter: &TaskFilter) -> Result<(Vec<TaskRow
         clause.push_str(" AND source = ?");
         args.push(V::Text(source.clone()));
     }
+    // The total comes from the maintained counts, which have the same columns.
     let total: i64 = conn.query_row(
-        &format!("SELECT COUNT(*) FROM tasks WHERE {clause}"),
+        &format!("SELECT COALESCE(SUM(n), 0) FROM task_counts WHERE {clause}"),
         rusqlite::params_from_iter(args.iter()),
         |row| row.get(0),
     )?;
@@ -902,26 +994,71 @@ pub fn attempts(conn: &Connection, id: TaskId) -> Result<Vec<AttemptRow>> {
 
 /// Task counts per (state, priority).
 pub fn task_counts(conn: &Connection) -> Result<Vec<(TaskState, Priority, u64)>> {
-    let mut stmt =
-        conn.prepare("SELECT state, priority, COUNT(*) FROM tasks GROUP BY state, priority")?;
+    Ok(task_counts_by_source(conn)?
+        .into_iter()
+        .fold(
+            std::collections::BTreeMap::<(TaskState, Priority), u64>::new(),
+            |mut acc, (state, priority, _, n)| {
+                *acc.entry((state, priority)).or_default() += n;
+                acc
+            },
+        )
+        .into_iter()
+        .map(|((state, priority), n)| (state, priority, n))
+        .collect())
+}
+
+/// One row of the task counts: a (state, priority, source, scraper) and how
+/// many tasks it has.
+pub type CountRow = (TaskState, Priority, String, String, u64);
+
+/// Every non-zero task count.
+pub fn count_rows(conn: &Connection) -> Result<Vec<CountRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT state, priority, source, scraper, n FROM task_counts WHERE n != 0",
+    )?;
     let rows = stmt.query_map([], |row| {
-        let state: String = row.get(0)?;
-        let priority: i64 = row.get(1)?;
-        let count: i64 = row.get(2)?;
-        Ok((state, priority, count))
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, i64>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, i64>(4)?,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (state, priority, count) = row?;
+        let (state, priority, source, scraper, n) = row?;
         if let Some(state) = TaskState::parse(&state) {
             out.push((
                 state,
                 Priority::from_i64(priority),
-                count.try_into().unwrap_or(0),
+                source,
+                scraper,
+                u64::try_from(n).unwrap_or(0),
             ));
         }
     }
     Ok(out)
+}
+
+/// Sets the counts of the given (state, priority, source, scraper) keys.
+pub fn set_counts(tx: &Transaction<'_>, counts: &[CountRow]) -> Result<()> {
+    for (state, priority, source, scraper, n) in counts {
+        exec(
+            tx,
+            "INSERT INTO task_counts (state, priority, source, scraper, n) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO UPDATE SET n = excluded.n",
+            params![
+                state.as_str(),
+                priority.as_i64(),
+                source,
+                scraper,
+                i64::try_from(*n).unwrap_or(i64::MAX)
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -950,14 +1087,25 @@ mod tests {
             expected_keys: &keys,
         };
         let tx = conn.transaction().unwrap();
-        let id = upsert_task(&tx, &task, 100, 100).unwrap().unwrap();
+        let (id, before) = upsert_task(&tx, &task, 100, 100).unwrap().unwrap();
+        assert_eq!(before, None);
         // A second upsert while pending changes nothing.
         assert_eq!(upsert_task(&tx, &task, 101, 101).unwrap(), None);
         set_task_state(&tx, id, TaskState::Done, 0, "", 200).unwrap();
         // Finished after the observation began: not reopened.
         assert_eq!(upsert_task(&tx, &task, 300, 150).unwrap(), None);
         // Finished before it: reopened under the same id.
-        assert_eq!(upsert_task(&tx, &task, 300, 250).unwrap(), Some(id));
+        assert_eq!(
+            upsert_task(&tx, &task, 300, 250).unwrap(),
+            Some((
+                id,
+                Some(Reopened {
+                    state: TaskState::Done,
+                    priority: Priority::High,
+                    scraper: "sc".into()
+                })
+            ))
+        );
         set_task_state(&tx, id, TaskState::Dead, 0, "boom", 400).unwrap();
         assert_eq!(upsert_task(&tx, &task, 500, 500).unwrap(), None);
         tx.commit().unwrap();
@@ -967,6 +1115,60 @@ mod tests {
         assert_eq!(row.last_error, "boom");
         assert_eq!(row.partition, p);
         assert_eq!(row.expected_keys, keys);
+    }
+
+    #[test]
+    fn an_unversioned_state_is_migrated_and_its_tasks_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        // A state written before versioning: the first schema, version 0.
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            for (i, state) in ["pending", "pending", "done"].iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO tasks (source, partition_key, partition_json, scraper, state, \
+                         priority, reason, ready_at, expected_keys, created_at, updated_at) \
+                     VALUES ('s', ?1, '{}', 'sc', ?2, 2, 'missing', 0, '[]', 0, 0)",
+                    params![i.to_string(), state],
+                )
+                .unwrap();
+            }
+        }
+        let conn = open_writer(dir.path()).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let mut counts = task_counts(&conn).unwrap();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                (TaskState::Pending, Priority::from_i64(2), 2),
+                (TaskState::Done, Priority::from_i64(2), 1)
+            ]
+        );
+        drop(conn);
+        // Opening again changes nothing.
+        let conn = open_writer(dir.path()).unwrap();
+        assert_eq!(task_counts(&conn).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_state_from_a_newer_adce_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open_writer(dir.path()).unwrap());
+        let newer = MIGRATIONS.len() as i64 + 1;
+        Connection::open(dir.path().join(DB_FILE))
+            .unwrap()
+            .pragma_update(None, "user_version", newer)
+            .unwrap();
+        let err = open_writer(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("schema version {newer}"))
+                && err.contains(&format!("versions up to {}", MIGRATIONS.len())),
+            "{err}"
+        );
     }
 
     #[test]

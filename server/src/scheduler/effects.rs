@@ -15,7 +15,7 @@ use super::{AgentTx, ToAgent};
 use crate::error::Result;
 use crate::logs::LogBus;
 use crate::model::{AgentId, LeaseId, Priority, TaskId, TaskState, UnixMs};
-use crate::store::{self, AgentRow, AttemptEnd, LogRow};
+use crate::store::{self, AgentRow, AttemptEnd, CountRow, LogRow};
 
 /// One change to the store.
 #[derive(Debug, Clone)]
@@ -71,6 +71,8 @@ pub(super) enum Write {
     Log(LogRow),
     /// Log entries older than `before` and beyond the newest `keep_rows` go.
     PruneLogs { before: UnixMs, keep_rows: u64 },
+    /// Task counts that changed.
+    Counts(Vec<CountRow>),
 }
 
 /// Something released after the commit, in the order decided.
@@ -167,6 +169,7 @@ impl Effects {
                     row.seq = store::insert_log(tx, &row)?;
                     self.logs.push(Arc::new(row));
                 }
+                Write::Counts(rows) => store::set_counts(tx, &rows)?,
                 Write::PruneLogs { before, keep_rows } => {
                     let pruned = store::prune_logs(tx, before, keep_rows)?;
                     if pruned > 0 {

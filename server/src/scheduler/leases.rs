@@ -250,7 +250,8 @@ impl State {
         }
     }
 
-    /// Moves a task out of the active states and drops it from memory.
+    /// Moves a task whose lease ended out of the active states and drops it
+    /// from memory.
     fn set_final(
         &mut self,
         fx: &mut Effects,
@@ -267,6 +268,16 @@ impl State {
             error,
             at: now,
         });
+        if let Some(task) = self.tasks.get(&id) {
+            let (source, scraper, priority) =
+                (task.source.clone(), task.scraper.clone(), task.priority);
+            self.count(
+                &source,
+                &scraper,
+                Some((TaskState::Leased, priority)),
+                (state, priority),
+            );
+        }
         self.forget(id);
     }
 
@@ -298,7 +309,14 @@ impl State {
             error,
             at: now,
         });
-        let (scraper, priority) = (task.scraper.clone(), task.priority);
+        let (source, scraper, priority) =
+            (task.source.clone(), task.scraper.clone(), task.priority);
+        self.count(
+            &source,
+            &scraper,
+            Some((TaskState::Leased, priority)),
+            (TaskState::Pending, priority),
+        );
         self.queue.insert(&scraper, priority, ready_at, id, now);
     }
 
@@ -426,6 +444,8 @@ impl State {
         };
         let attempt = task.attempts + 1;
         task.attempts = attempt;
+        let (source, scraper, priority) =
+            (task.source.clone(), task.scraper.clone(), task.priority);
         task.lease = Some(Lease {
             id: lease.clone(),
             agent: agent_id.clone(),
@@ -439,6 +459,12 @@ impl State {
             at: now,
         });
         self.leases.insert(lease.clone(), id);
+        self.count(
+            &source,
+            &scraper,
+            Some((TaskState::Pending, priority)),
+            (TaskState::Leased, priority),
+        );
         let task = &self.tasks[&id];
         let assignment = build_assignment(&self.catalog, &self.opts, task, &lease, attempt);
         let (source, ready_at, priority) = (task.source.to_string(), task.ready_at, task.priority);

@@ -20,6 +20,7 @@
 //! - `plan.rs`: applying a reconcile plan, and the queue as planning sees it;
 //! - `queue.rs`: the ready queue (pure);
 //! - `effects.rs`: the store writes and messages a decision produces;
+//! - `counts.rs`: task counts by state, kept as tasks move;
 //! - `state.rs`: the state those share; `handle.rs`: the handle and inbox;
 //!   `run.rs`: the thread, its loop and the group commit.
 //!
@@ -31,6 +32,7 @@
 //! than its slots.
 
 mod agents;
+mod counts;
 mod effects;
 mod handle;
 mod leases;

@@ -220,7 +220,7 @@ impl Harness {
             fx.apply(&txn).unwrap();
         }
         self.state.tick(&mut fx, self.now);
-        self.state.dispatch(&mut fx, self.now);
+        self.state.end_batch(&mut fx, self.now, true);
         fx.apply(&txn).unwrap();
         txn.commit().unwrap();
         fx.release(&self.bus);
@@ -536,6 +536,16 @@ impl Harness {
         for lease in self.state.leases.keys() {
             assert!(seen.contains(&lease.0), "lease {lease} has no attempt row");
         }
+        // The maintained counts match the tasks.
+        let truth = count_query(
+            &self.conn,
+            "SELECT state, priority, source, scraper, COUNT(*) FROM tasks GROUP BY 1, 2, 3, 4",
+        );
+        let stored = count_query(
+            &self.conn,
+            "SELECT state, priority, source, scraper, n FROM task_counts WHERE n != 0",
+        );
+        assert_eq!(stored, truth, "stored task counts");
         // No limit group over its concurrency.
         for group in self.state.limits.snapshot(self.now) {
             if let Some(max) = group.max_concurrent {
@@ -548,6 +558,20 @@ impl Harness {
             }
         }
     }
+}
+
+/// Rows of (state, priority, source, scraper, n), in order.
+fn count_query(conn: &Connection, sql: &str) -> Vec<(String, i64, String, String, i64)> {
+    let mut stmt = conn.prepare(sql).unwrap();
+    let mut rows: Vec<_> = stmt
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    rows.sort();
+    rows
 }
 
 proptest! {

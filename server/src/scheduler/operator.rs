@@ -51,7 +51,7 @@ impl State {
                 skipped.push(format!("task {id} is {state}"));
                 continue;
             }
-            let Some(row) = store::retry_task(tx, id, now)? else {
+            let Some((row, before)) = store::retry_task(tx, id, now)? else {
                 match store::get_task(tx, id)? {
                     Some(row) => skipped.push(format!("task {id} is {}", row.state)),
                     None => skipped.push(format!("task {id} does not exist")),
@@ -60,6 +60,12 @@ impl State {
             };
             let source = self.intern(&row.source);
             let scraper = self.intern(&row.scraper);
+            self.count(
+                &source,
+                &scraper,
+                Some((before, row.priority)),
+                (TaskState::Pending, row.priority),
+            );
             fx.log(
                 Event::info("retried by an operator")
                     .task(id)
@@ -113,7 +119,8 @@ impl State {
         } else {
             TaskState::Pending
         };
-        let source = task.source.to_string();
+        let (source, scraper, priority) =
+            (task.source.clone(), task.scraper.clone(), task.priority);
         let attempts = task.attempts;
         if let Some(lease) = task.lease.take() {
             fx.write(Write::EndAttempt {
@@ -133,8 +140,14 @@ impl State {
             error: error.clone(),
             at: now,
         });
+        self.count(
+            &source,
+            &scraper,
+            Some((previous, priority)),
+            (TaskState::Cancelled, priority),
+        );
         self.forget(id);
-        fx.log(Event::warn(error).task(id).source(source).row());
+        fx.log(Event::warn(error).task(id).source(source.to_string()).row());
         Ok(previous)
     }
 
@@ -241,13 +254,19 @@ impl State {
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            if task.lease.is_none() {
+            let state = if task.lease.is_none() {
                 self.queue
                     .remove(&task.scraper, task.priority, task.ready_at, id);
                 self.queue
                     .insert(&task.scraper, priority, task.ready_at, id, now);
-            }
+                TaskState::Pending
+            } else {
+                TaskState::Leased
+            };
+            let (source, scraper, before) =
+                (task.source.clone(), task.scraper.clone(), task.priority);
             task.priority = priority;
+            self.count(&source, &scraper, Some((state, before)), (state, priority));
             fx.write(Write::SetPriority {
                 task: id,
                 priority,

@@ -42,10 +42,30 @@ impl State {
                 reason: planned.reason,
                 expected_keys: &planned.keys,
             };
-            let Some(id) = store::upsert_task(tx, &new, now, observed_at)? else {
+            let Some((id, before)) = store::upsert_task(tx, &new, now, observed_at)? else {
                 continue;
             };
             let scraper = self.intern(&planned.scraper);
+            match before {
+                Some(before) => {
+                    let old_scraper = self.intern(&before.scraper);
+                    self.counts.moved(
+                        Some((before.state, before.priority, source.clone(), old_scraper)),
+                        (
+                            TaskState::Pending,
+                            planned.priority,
+                            source.clone(),
+                            scraper.clone(),
+                        ),
+                    );
+                }
+                None => self.count(
+                    &source,
+                    &scraper,
+                    None,
+                    (TaskState::Pending, planned.priority),
+                ),
+            }
             self.remember(
                 Active::pending(
                     id,

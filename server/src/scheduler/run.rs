@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rusqlite::Connection;
 use tracing::{debug, error, info};
 
+use super::counts::Counts;
 use super::effects::{Effects, Write};
 use super::handle::{Command, Handle};
 use super::state::{Active, Lease, State};
@@ -58,6 +59,8 @@ pub fn spawn(
 
 /// Fills `state` with the store's pending and leased tasks.
 pub(super) fn load(conn: &Connection, state: &mut State, now: UnixMs) -> Result<()> {
+    let counts = store::count_rows(conn)?;
+    state.counts = Counts::load(counts, |name| state.intern(name));
     let rows = store::load_active(conn)?;
     let (mut pending, mut leased) = (0u64, 0u64);
     for row in rows {
@@ -132,9 +135,7 @@ fn run(
             state.tick(&mut fx, now_ms());
             next_tick = Instant::now() + TICK;
         }
-        if stop.is_none() {
-            state.dispatch(&mut fx, now_ms());
-        }
+        state.end_batch(&mut fx, now_ms(), stop.is_none());
         fx.apply(&txn)?;
         txn.commit()
             .inspect_err(|e| error!(error = %e, "store commit failed"))?;
@@ -307,6 +308,17 @@ impl State {
             Command::Shutdown { reply } => fx.reply(reply, ()),
         }
         Ok(())
+    }
+
+    /// The end of a batch: dispatch (unless the actor is stopping), and the
+    /// counts the batch changed.
+    pub(super) fn end_batch(&mut self, fx: &mut Effects, now: UnixMs, dispatch: bool) {
+        if dispatch {
+            self.dispatch(fx, now);
+        }
+        if let Some(counts) = self.counts.flush() {
+            fx.write(counts);
+        }
     }
 
     /// Periodic work: delayed tasks whose time came, routing notes, log

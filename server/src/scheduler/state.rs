@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use rand::RngCore;
 
+use super::counts::Counts;
 use super::output::LineBudget;
 use super::queue::ReadyQueue;
 use super::{AgentTx, CatalogCell, QueueStats, SchedulerOptions, StopNotice};
 use crate::catalog::Catalog;
 use crate::limits::{LimitGroups, Permit};
-use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, UnixMs};
+use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs};
 
 /// A pending or leased task.
 #[derive(Debug)]
@@ -115,6 +116,8 @@ pub(super) struct State {
     pub stopping: Option<StopNotice>,
     /// Lease ids and retry jitter.
     pub rng: Box<dyn RngCore + Send>,
+    /// Tasks by state, priority, source and scraper.
+    pub counts: Counts,
 }
 
 impl State {
@@ -148,6 +151,7 @@ impl State {
             retention: crate::config::LogRetention::default(),
             stopping: None,
             rng,
+            counts: Counts::default(),
         }
     }
 
@@ -170,6 +174,21 @@ impl State {
 
     pub fn lease_ttl_ms(&self) -> i64 {
         super::verdict::millis(self.opts.lease_ttl)
+    }
+
+    /// Counts a task of `source` and `scraper` moving from `from` (none:
+    /// new) to `to`, each a (state, base priority).
+    pub fn count(
+        &mut self,
+        source: &Arc<str>,
+        scraper: &Arc<str>,
+        from: Option<(TaskState, Priority)>,
+        to: (TaskState, Priority),
+    ) {
+        self.counts.moved(
+            from.map(|(state, priority)| (state, priority, source.clone(), scraper.clone())),
+            (to.0, to.1, source.clone(), scraper.clone()),
+        );
     }
 
     /// Adds an active task to memory: the partition index and, when it is
