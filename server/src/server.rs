@@ -59,12 +59,19 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
 }
 
 /// Opens the lake the config names, and the place its S3 Inventory reports
-/// are delivered when the config names one.
+/// are delivered when the config names one. A local lake removes the temp
+/// files of writes a crash interrupted once they are older than
+/// `server.max_upload_time` allows; an S3 lake aborts incomplete multipart
+/// uploads after `lake.s3.abort_incomplete_after`.
 pub async fn open_lake(config: &Config) -> Result<(SharedLake, Option<InventorySource>)> {
     match &config.lake {
         LakeConfig {
             local: Some(local), ..
-        } => Ok((Arc::new(LocalLake::open(&local.root)?), None)),
+        } => {
+            let lake =
+                LocalLake::open(&local.root)?.with_max_upload_time(config.server.max_upload_time);
+            Ok((Arc::new(lake), None))
+        }
         LakeConfig { s3: Some(s3), .. } => {
             let lake = S3Lake::connect(s3).await?;
             let inventory = s3.inventory.as_ref().map(|inv| InventorySource {

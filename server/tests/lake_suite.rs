@@ -3,18 +3,21 @@
 //! the local-directory lake in a temp dir and against the S3 lake talking to a
 //! real moto_server process on 127.0.0.1. The S3 tests then check what only
 //! S3 can show: the prefix in the real keys, parts of a multipart upload, and
-//! that no multipart upload is left open.
+//! that no multipart upload is left open. A crashed write (a writer that is
+//! neither committed, aborted nor dropped) is invisible on both, and each
+//! backend cleans up its leftovers once they are old: the local lake's temp
+//! file at a listing, the S3 lake's incomplete multipart upload at a sweep.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use adce_server::config;
 use adce_server::lake::{
     LIST_PAGE, Lake, LakeError, LocalDir, LocalLake, ObjectMeta, ObjectSource, S3Lake, SharedLake,
-    list_all,
+    list_all, stale_temp_age,
 };
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aws_sdk_s3::Client;
@@ -224,6 +227,29 @@ async fn abort_and_drop_leave_nothing(lake: &dyn Lake, big: usize) -> Result<()>
     Ok(())
 }
 
+/// The key the crash scenario's interrupted write was for.
+const CRASHED_KEY: &str = "crash/partial.bin";
+
+/// A write interrupted by a crash (`big` bytes, past the multipart threshold,
+/// then neither commit, abort nor drop: as when the process is killed) is
+/// invisible, and a new write of the key is whole. Its leftovers stay for
+/// the caller to inspect.
+async fn crashed_write_is_invisible(lake: &dyn Lake, big: usize) -> Result<()> {
+    let mut writer = lake.put(CRASHED_KEY).await?;
+    for piece in pattern(big, 11).chunks(MIB) {
+        writer.write(piece).await?;
+    }
+    // A killed process runs no destructor.
+    std::mem::forget(writer);
+    ensure!(lake.stat(CRASHED_KEY).await?.is_none());
+    ensure!(lake.get(CRASHED_KEY, big as u64).await?.is_none());
+    ensure!(list_all(lake, "").await?.is_empty());
+    write(lake, CRASHED_KEY, b"whole", 1024).await?;
+    ensure!(lake.get(CRASHED_KEY, 1024).await?.as_deref() == Some(&b"whole"[..]));
+    ensure!(keys(&list_all(lake, "").await?) == [CRASHED_KEY]);
+    Ok(())
+}
+
 /// An object past the multipart threshold, written in odd-sized chunks,
 /// reads back byte-identical.
 async fn multipart_round_trip(lake: &dyn Lake) -> Result<()> {
@@ -386,6 +412,60 @@ async fn local_abort_and_drop_leave_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The lake's temp files under `dir`.
+fn temp_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".adce-tmp.")
+        {
+            found.push(entry.path());
+        }
+    }
+    Ok(found)
+}
+
+#[tokio::test]
+async fn local_crashed_write_is_cleaned_up_by_a_listing_once_stale() -> Result<()> {
+    let max_upload_time = Duration::from_secs(3600);
+    let dir = tempfile::tempdir()?;
+    let lake = LocalLake::open(dir.path().join("lake"))?.with_max_upload_time(max_upload_time);
+    crashed_write_is_invisible(&lake, 6 * MIB).await?;
+    // The interrupted write's temp file is still there after listings: it
+    // could be a live upload's.
+    let crash_dir = lake.root().join("crash");
+    let leftovers = temp_files(&crash_dir)?;
+    ensure!(leftovers.len() == 1, "temp files: {leftovers:?}");
+    let leftover = &leftovers[0];
+    ensure!(std::fs::metadata(leftover)?.len() == 6 * MIB as u64);
+    // Last written just inside the stale age: kept.
+    let stale_age = stale_temp_age(max_upload_time);
+    let set_idle = |idle: Duration| {
+        std::fs::File::options()
+            .write(true)
+            .open(leftover)?
+            .set_modified(SystemTime::now() - idle)
+    };
+    set_idle(stale_age - Duration::from_secs(60))?;
+    ensure!(list_all(&lake, "crash/").await?.len() == 1);
+    ensure!(
+        leftover.exists(),
+        "a temp file younger than the stale age was removed"
+    );
+    // Past it: the next listing of its directory removes it.
+    set_idle(stale_age + Duration::from_secs(60))?;
+    ensure!(list_all(&lake, "crash/").await?.len() == 1);
+    ensure!(
+        temp_files(&crash_dir)?.is_empty(),
+        "the stale temp file was kept"
+    );
+    ensure!(lake.get(CRASHED_KEY, 1024).await?.as_deref() == Some(&b"whole"[..]));
+    Ok(())
+}
+
 #[tokio::test]
 async fn local_multipart_sized_round_trip() -> Result<()> {
     let (_dir, lake) = local()?;
@@ -541,19 +621,60 @@ impl Moto {
         Ok(head.checksum_crc32_c().map(String::from))
     }
 
-    /// The keys of `bucket`'s open multipart uploads.
+    /// The keys of `bucket`'s open multipart uploads, sorted.
     async fn open_uploads(&self, bucket: &str) -> Result<Vec<String>> {
+        let mut keys: Vec<String> = self
+            .uploads(bucket)
+            .await?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// `bucket`'s open multipart uploads: key and initiation time (ms since
+    /// the Unix epoch) as S3 reports them.
+    async fn uploads(&self, bucket: &str) -> Result<Vec<(String, i64)>> {
         let out = self
             .client
             .list_multipart_uploads()
             .bucket(bucket)
             .send()
             .await?;
-        Ok(out
-            .uploads()
+        out.uploads()
             .iter()
-            .filter_map(|u| u.key().map(String::from))
-            .collect())
+            .map(|u| {
+                let key = u.key().context("an upload without a key")?.to_string();
+                let initiated = u
+                    .initiated()
+                    .context("an upload without an initiation time")?
+                    .to_millis()?;
+                Ok((key, initiated))
+            })
+            .collect()
+    }
+
+    /// Starts a multipart upload of `key` in `bucket` with one part, as an
+    /// interrupted write by another process would leave it.
+    async fn start_upload(&self, bucket: &str, key: &str) -> Result<()> {
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await?;
+        self.client
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload.upload_id().context("no upload id")?)
+            .part_number(1)
+            .body(pattern(PART as usize, 5).into())
+            .send()
+            .await?;
+        Ok(())
     }
 
     /// Waits (bounded) until `bucket` has no open multipart upload.
@@ -590,6 +711,7 @@ fn s3_config(bucket: &str, prefix: &str, endpoint: &str, part: u64) -> config::S
         multipart_threshold: part,
         multipart_part_size: part,
         list_concurrency: 4,
+        abort_incomplete_after: config::DEFAULT_ABORT_INCOMPLETE_AFTER,
         inventory: None,
     }
 }
@@ -657,6 +779,71 @@ async fn s3_abort_and_drop_leave_no_object_and_no_upload() -> Result<()> {
     moto.assert_no_open_uploads("abort", DROP_ABORT_TIMEOUT)
         .await?;
     ensure!(moto.raw_keys("abort").await? == ["raw/keep.json"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn s3_crashed_upload_is_aborted_once_older_than_the_age() -> Result<()> {
+    let moto = Moto::start().await?;
+    let lake = moto.lake("crash", PART).await?;
+    crashed_write_is_invisible(&lake, 6 * MIB).await?;
+    // An upload outside the lake's prefix, just as old, is not the lake's.
+    moto.start_upload("crash", "other/x.bin").await?;
+    let ours = format!("raw/{CRASHED_KEY}");
+    ensure!(moto.open_uploads("crash").await? == ["other/x.bin", ours.as_str()]);
+    let initiated = moto
+        .uploads("crash")
+        .await?
+        .into_iter()
+        .find(|(key, _)| *key == ours)
+        .map(|(_, initiated)| initiated)
+        .context("the interrupted upload is not listed")?;
+    let age = i64::try_from(config::DEFAULT_ABORT_INCOMPLETE_AFTER.as_millis())?;
+    // moto reports one fixed initiation time for every upload, so the
+    // sweep's clock is moved instead: exactly the age old is kept, a second
+    // older is aborted.
+    ensure!(lake.abort_incomplete_uploads(initiated + age).await? == 0);
+    ensure!(moto.open_uploads("crash").await? == ["other/x.bin", ours.as_str()]);
+    ensure!(
+        lake.abort_incomplete_uploads(initiated + age + 1000)
+            .await?
+            == 1
+    );
+    ensure!(moto.open_uploads("crash").await? == ["other/x.bin"]);
+    ensure!(lake.get(CRASHED_KEY, 1024).await?.as_deref() == Some(&b"whole"[..]));
+    Ok(())
+}
+
+/// A new lake sweeps at its first listing, then not again within
+/// `SWEEP_INTERVAL`.
+#[tokio::test]
+async fn s3_first_listing_sweeps_then_waits_for_the_interval() -> Result<()> {
+    let moto = Moto::start().await?;
+    moto.create_bucket("sweep").await?;
+    // Any upload a millisecond old is stale to this lake.
+    let mut cfg = s3_config("sweep", "raw", &moto.endpoint, PART);
+    cfg.abort_incomplete_after = Duration::from_millis(1);
+    let lake = S3Lake::with_static_credentials(&cfg, "testing", "testing");
+    moto.start_upload("sweep", "raw/a.bin").await?;
+    let initiated = moto.uploads("sweep").await?[0].1;
+    // Past the age on S3's clock as well as on ours.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while chrono::Utc::now().timestamp_millis() <= initiated + 1 {
+        ensure!(Instant::now() < deadline, "the clock is behind S3's");
+        tokio::time::sleep(POLL).await;
+    }
+    ensure!(list_all(&lake, "").await?.is_empty());
+    ensure!(
+        moto.open_uploads("sweep").await?.is_empty(),
+        "the first listing did not sweep"
+    );
+    moto.start_upload("sweep", "raw/b.bin").await?;
+    ensure!(list_all(&lake, "").await?.is_empty());
+    lake.probe().await?;
+    ensure!(
+        moto.open_uploads("sweep").await? == ["raw/b.bin"],
+        "a second sweep ran within the interval"
+    );
     Ok(())
 }
 

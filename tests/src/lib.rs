@@ -3,13 +3,16 @@
 //! as real processes on loopback ports (and always stops them by pid), runs
 //! `adcectl` and parses its `--json` output, and polls with bounded waits.
 //! For S3 lakes it starts `moto_server` from the project venv and drives an
-//! independent boto3 client (`tests/py/s3.py`) against it.
+//! independent boto3 client (`tests/py/s3.py`) against it. [`raw_agent`] is a
+//! hand-made agent for tests that need to misbehave where the real one never
+//! does.
 //!
 //! Architecture invariant: every process the harness starts is owned by a
 //! value whose `Drop` kills it by its own pid, and every wait is bounded in
 //! both count and time.
 
 pub mod pki;
+pub mod raw_agent;
 
 use std::ffi::OsString;
 use std::fmt::Debug;

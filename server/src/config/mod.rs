@@ -54,6 +54,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// The largest accepted upload by default (5 GiB).
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+/// The longest an upload may stream by default: 5 GiB at 12 Mbit/s.
+pub const DEFAULT_MAX_UPLOAD_TIME: Duration = Duration::from_secs(3600);
 /// How often the loop reconciles by default.
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(3600);
 /// How often the loop looks at the ready queue by default.
@@ -224,6 +226,11 @@ pub struct ServerConfig {
     /// The largest accepted upload, in bytes (units like `5GiB` accepted).
     #[serde(deserialize_with = "de_bytes")]
     pub max_upload_bytes: u64,
+    /// The longest an upload may stream; a longer one is aborted and refused.
+    /// Also how old a crashed write's leftovers must be before the lake
+    /// removes them (see `LocalLake::with_max_upload_time`).
+    #[serde(with = "duration")]
+    pub max_upload_time: Duration,
     /// On SIGTERM, how long running tasks (their uploads included) may take to
     /// finish before the server stops anyway; their leases are recovered at
     /// the next start.
@@ -383,6 +390,7 @@ impl Default for ServerConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             lease_ttl: DEFAULT_LEASE_TTL,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            max_upload_time: DEFAULT_MAX_UPLOAD_TIME,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -432,6 +440,9 @@ pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MULTIPART_PART_SIZE: u64 = 16 * 1024 * 1024;
 /// The default number of prefixes listed at once.
 pub const DEFAULT_LIST_CONCURRENCY: usize = 8;
+/// The default age at which the S3 lake aborts an incomplete multipart
+/// upload under its prefix (one a killed server left behind).
+pub const DEFAULT_ABORT_INCOMPLETE_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 fn default_multipart_threshold() -> u64 {
     DEFAULT_MULTIPART_THRESHOLD
@@ -443,6 +454,10 @@ fn default_multipart_part_size() -> u64 {
 
 fn default_list_concurrency() -> usize {
     DEFAULT_LIST_CONCURRENCY
+}
+
+fn default_abort_incomplete_after() -> Duration {
+    DEFAULT_ABORT_INCOMPLETE_AFTER
 }
 
 /// `lake.s3:` an S3 bucket (credentials come from the standard AWS chain:
@@ -474,6 +489,11 @@ pub struct S3Lake {
     /// How many prefixes are listed at once.
     #[serde(default = "default_list_concurrency")]
     pub list_concurrency: usize,
+    /// Incomplete multipart uploads under the prefix initiated longer ago
+    /// than this are aborted (a server killed mid-upload leaves one behind);
+    /// must be longer than `server.max_upload_time`.
+    #[serde(default = "default_abort_incomplete_after", with = "duration")]
+    pub abort_incomplete_after: Duration,
     /// S3 Inventory reports to read instead of listing the whole catalog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inventory: Option<InventoryConfig>,

@@ -79,6 +79,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(cfg.server.heartbeat_interval, Duration::from_secs(5));
     assert_eq!(cfg.server.lease_ttl, Duration::from_secs(30));
     assert_eq!(cfg.server.max_upload_bytes, 5_368_709_120);
+    assert_eq!(cfg.server.max_upload_time, Duration::from_secs(3600));
     assert_eq!(cfg.lake.local.as_ref().unwrap().root, PathBuf::from("lake"));
     assert!(cfg.r#loop.enabled);
     assert_eq!(cfg.r#loop.reconcile_interval, Duration::from_secs(3600));
@@ -603,6 +604,71 @@ fn byte_sizes_accept_units() {
 }
 
 #[test]
+fn upload_time_and_incomplete_upload_age_are_checked() {
+    let s3 = |server: &str, s3: &str| {
+        BASE.replace("version: 1\n", &format!("version: 1\nserver:\n{server}"))
+            .replace(
+                "lake:\n  local:\n    root: lake\n",
+                &format!("lake:\n  s3:\n    bucket: b\n{s3}"),
+            )
+    };
+    let cfg = parse(&s3("  max_upload_time: 2h\n", "")).unwrap();
+    assert_eq!(cfg.server.max_upload_time, Duration::from_secs(2 * 3600));
+    let s3_cfg = cfg.lake.s3.as_ref().unwrap();
+    assert_eq!(
+        s3_cfg.abort_incomplete_after,
+        DEFAULT_ABORT_INCOMPLETE_AFTER
+    );
+    assert_eq!(
+        DEFAULT_ABORT_INCOMPLETE_AFTER,
+        Duration::from_secs(24 * 3600)
+    );
+    let cfg = parse(&s3(
+        "  max_upload_time: 1s\n",
+        "    abort_incomplete_after: 2s\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        cfg.lake.s3.unwrap().abort_incomplete_after,
+        Duration::from_secs(2)
+    );
+
+    let src = s3("  max_upload_time: 0s\n", "");
+    assert_err_at(&src, "0s", 0, &["`max_upload_time` must be longer than 0s"]);
+    let src = s3(
+        "  max_upload_time: 1h\n",
+        "    abort_incomplete_after: 0s\n",
+    );
+    assert_err_at(
+        &src,
+        "0s",
+        0,
+        &["`abort_incomplete_after` must be longer than 0s"],
+    );
+    let src = s3("  max_upload_time: a while\n", "");
+    assert_err_at(&src, "a while", 0, &["invalid duration `a while`"]);
+    // The sweep must not take uploads that may still stream: the error
+    // points at the age when it is spelled out, else at the upload time.
+    let src = s3(
+        "  max_upload_time: 2h\n",
+        "    abort_incomplete_after: 2h\n",
+    );
+    assert_err_at(
+        &src,
+        "2h",
+        1,
+        &["abort_incomplete_after (2h) must be longer than server.max_upload_time (2h)"],
+    );
+    let src = s3("  max_upload_time: 2d\n", "");
+    assert_err_at(
+        &src,
+        "2d",
+        0,
+        &["abort_incomplete_after (1day) must be longer than server.max_upload_time (2days)"],
+    );
+}
+
+#[test]
 fn plain_scalars_keep_their_spelling() {
     let src = with_source(
         "  - name: b\n    scraper: s\n    partitions:\n      values: {var: id, values: [0022400061, 7]}\n    objects: [\"b/{id}\"]\n",
@@ -737,6 +803,7 @@ fn dump_parses_back_to_an_equal_config() {
     for key in [
         "listen: 127.0.0.1:7070",
         "heartbeat_interval: 5s",
+        "max_upload_time: 1h",
         "reconcile_interval: 1h",
         "max_attempts: 3",
         "priority: medium",

@@ -165,6 +165,7 @@ impl Validator<'_> {
                 "`max_upload_bytes` must be at least 1".into(),
             ));
         }
+        self.positive(&p.key("max_upload_time"), s.max_upload_time)?;
         if s.state_dir.as_os_str().is_empty() {
             return Err(self.at(&p.key("state_dir"), "`state_dir` must not be empty".into()));
         }
@@ -317,6 +318,27 @@ impl Validator<'_> {
             return Err(self.at(
                 &p.key("list_concurrency"),
                 "`list_concurrency` must be at least 1".into(),
+            ));
+        }
+        self.positive(&p.key("abort_incomplete_after"), s3.abort_incomplete_after)?;
+        // The sweep must never take an upload that is still allowed to stream.
+        let max_upload_time = self.cfg.server.max_upload_time;
+        if s3.abort_incomplete_after <= max_upload_time {
+            // Point at whichever of the two the file spells out.
+            let abort = p.key("abort_incomplete_after");
+            let at = if self.idx.contains(&abort) {
+                abort
+            } else {
+                self.root.key("server").key("max_upload_time")
+            };
+            return Err(self.at(
+                &at,
+                format!(
+                    "abort_incomplete_after ({}) must be longer than server.max_upload_time ({}): \
+                     uploads still streaming would be aborted",
+                    human(s3.abort_incomplete_after),
+                    human(max_upload_time)
+                ),
             ));
         }
         if let Some(inv) = &s3.inventory {

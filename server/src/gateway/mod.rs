@@ -63,6 +63,8 @@ pub struct GatewayLimits {
     pub messages_per_sec_per_slot: f64,
     /// Messages one agent stream may send at once above the rate, per slot.
     pub message_burst_per_slot: f64,
+    /// The longest an upload may stream before it is aborted.
+    pub max_upload_time: Duration,
 }
 
 impl GatewayLimits {
@@ -78,6 +80,7 @@ impl GatewayLimits {
             },
             messages_per_sec_per_slot: f64::from(rate.count) / rate.per.duration().as_secs_f64(),
             message_burst_per_slot: f64::from(server.agent_messages.burst),
+            max_upload_time: server.max_upload_time,
         }
     }
 }
@@ -426,8 +429,23 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         let mut writer = self.lake.put(&header.key).await.map_err(Error::from)?;
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
+        let max_time = self.limits.max_upload_time;
         loop {
-            let chunk = match stream.message().await {
+            // The whole stream, header included, gets `max_upload_time`.
+            let left = max_time.saturating_sub(started.elapsed());
+            let next = match tokio::time::timeout(left, stream.message()).await {
+                Ok(next) if !left.is_zero() => next,
+                _ => {
+                    writer.abort().await;
+                    warn!(key = %header.key, limit = ?max_time, "upload too slow; aborted");
+                    return Err(Status::deadline_exceeded(format!(
+                        "upload of {} took longer than server.max_upload_time ({})",
+                        header.key,
+                        humantime::format_duration(max_time)
+                    )));
+                }
+            };
+            let chunk = match next {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(status) => {

@@ -2,31 +2,58 @@
 //! root directory. Writes go to a hidden temp file in the target directory,
 //! are fsynced, then renamed over the key, so a reader never sees a partial
 //! object.
+//!
+//! A write the process never finished (it was killed) leaves its temp file
+//! behind. Listings skip temp files and remove the stale ones on the way:
+//! those whose last write is older than [`stale_temp_age`] of the longest
+//! allowed upload, which no live upload can be.
 
+use std::fs::DirEntry;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
 
 use super::{
     ByteReader, LIST_PAGE, Lake, LakeError, ObjectMeta, ObjectSource, ObjectWriter, PageSink,
     validate_key,
 };
+use crate::config::DEFAULT_MAX_UPLOAD_TIME;
 use crate::model::UnixMs;
 
 /// File names starting with this are in-flight writes, never listed.
 const TEMP_PREFIX: &str = ".adce-tmp.";
+/// The most [`stale_temp_age`] adds to the longest allowed upload.
+const STALE_TEMP_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// How long after its last write a temp file is a crashed write's leftover,
+/// for uploads that may stream for at most `max_upload_time`.
+///
+/// The gateway aborts an upload whose stream takes longer than
+/// `max_upload_time`, so a live upload's temp file is written to at least
+/// that often. The margin covers what follows the last chunk without touching
+/// the file's modification time: the lease check, the fsync and the rename.
+/// It is capped at [`STALE_TEMP_MARGIN`], and is never more than
+/// `max_upload_time` itself, so that a short limit (in tests) keeps a short
+/// stale age: an upload that may stream for a second has little to fsync.
+pub fn stale_temp_age(max_upload_time: Duration) -> Duration {
+    max_upload_time.saturating_add(max_upload_time.min(STALE_TEMP_MARGIN))
+}
 
 /// A lake rooted at a local directory.
 #[derive(Debug, Clone)]
 pub struct LocalLake {
     root: PathBuf,
+    /// Temp files whose last write is older than this are removed by listings.
+    stale_temp_after: Duration,
 }
 
 impl LocalLake {
-    /// A lake at `root`, created if missing.
+    /// A lake at `root`, created if missing, for uploads that stream for at
+    /// most [`DEFAULT_MAX_UPLOAD_TIME`].
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, LakeError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|source| LakeError::Io {
@@ -34,7 +61,18 @@ impl LocalLake {
             key: root.display().to_string(),
             source,
         })?;
-        Ok(LocalLake { root })
+        Ok(LocalLake {
+            root,
+            stale_temp_after: stale_temp_age(DEFAULT_MAX_UPLOAD_TIME),
+        })
+    }
+
+    /// The same lake for uploads that stream for at most `max_upload_time`
+    /// (`server.max_upload_time`): listings remove temp files whose last
+    /// write is older than [`stale_temp_age`] of it.
+    pub fn with_max_upload_time(mut self, max_upload_time: Duration) -> Self {
+        self.stale_temp_after = stale_temp_age(max_upload_time);
+        self
     }
 
     /// The root directory.
@@ -63,15 +101,59 @@ fn io_err<'a>(op: &'static str, key: &'a str) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// A listing in progress: walks directories and sends full pages.
+/// A listing in progress: walks directories, sends full pages and removes
+/// stale temp files on the way.
 struct Walker<'a> {
     prefix: &'a str,
     page: Vec<ObjectMeta>,
     pages: &'a PageSink,
     sent: u64,
+    /// Temp files last written before this are leftovers of crashed writes.
+    stale_before: SystemTime,
 }
 
 impl Walker<'_> {
+    /// Removes the temp file `entry` when it is stale. Never fails the
+    /// listing: a file that cannot be removed is logged and left.
+    fn remove_if_stale(&self, entry: &DirEntry) {
+        let path = entry.path();
+        // `DirEntry::metadata` does not follow symlinks: only a regular file
+        // can be one of the lake's own temp files.
+        let modified = match entry.metadata() {
+            Ok(meta) if meta.is_file() => meta.modified(),
+            Ok(_) => return,
+            Err(e) => Err(e),
+        };
+        let modified = match modified {
+            Ok(modified) => modified,
+            // Its write just finished or was aborted.
+            Err(e) if e.kind() == ErrorKind::NotFound => return,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read the age of a temp file");
+                return;
+            }
+        };
+        if modified >= self.stale_before {
+            return;
+        }
+        let idle_s = SystemTime::now()
+            .duration_since(modified)
+            .map_or(0, |idle| idle.as_secs());
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!(
+                path = %path.display(),
+                idle_s,
+                "removed the temp file of an interrupted write"
+            ),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot remove the temp file of an interrupted write"
+            ),
+        }
+    }
+
     fn flush(&mut self) {
         if !self.page.is_empty() {
             let page = std::mem::replace(&mut self.page, Vec::with_capacity(LIST_PAGE));
@@ -96,6 +178,7 @@ impl Walker<'_> {
                 continue; // Not UTF-8: cannot be an object key.
             };
             if name.starts_with(TEMP_PREFIX) {
+                self.remove_if_stale(&entry);
                 continue;
             }
             let key = format!("{dir_key}{name}");
@@ -131,6 +214,9 @@ impl Lake for LocalLake {
     async fn list(&self, prefix: &str, pages: PageSink) -> Result<u64, LakeError> {
         let root = self.root.clone();
         let prefix = prefix.to_string();
+        let stale_before = SystemTime::now()
+            .checked_sub(self.stale_temp_after)
+            .unwrap_or(UNIX_EPOCH);
         // The walk runs on a blocking thread and hands pages over as it goes.
         tokio::task::spawn_blocking(move || {
             let dir_key = match prefix.rfind('/') {
@@ -142,6 +228,7 @@ impl Lake for LocalLake {
                 page: Vec::with_capacity(LIST_PAGE),
                 pages: &pages,
                 sent: 0,
+                stale_before,
             };
             walker.walk(&root.join(dir_key), dir_key)?;
             walker.flush();
@@ -455,6 +542,92 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path().join("a")).unwrap().count(), 1);
         write(&lake, "a/b", b"newer").await;
         assert_eq!(std::fs::read(dir.path().join("a/b")).unwrap(), b"newer");
+    }
+
+    /// Creates a temp file named like the lake's own at `dir/name` whose
+    /// last write was `ago` before now.
+    fn temp_file_written_ago(dir: &Path, name: &str, ago: Duration) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_modified(SystemTime::now() - ago).unwrap();
+        path
+    }
+
+    #[test]
+    fn stale_age_is_the_upload_limit_and_a_capped_margin() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(stale_temp_age(hour), hour + STALE_TEMP_MARGIN);
+        assert_eq!(
+            stale_temp_age(Duration::from_secs(1)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(stale_temp_age(Duration::MAX), Duration::MAX);
+    }
+
+    #[tokio::test]
+    async fn listing_removes_stale_temp_files_and_keeps_fresh_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let lake = LocalLake::open(dir.path())
+            .unwrap()
+            .with_max_upload_time(hour);
+        write(&lake, "nba/schedule/20241022.json", b"{}").await;
+        let schedule = dir.path().join("nba/schedule");
+        let margin = Duration::from_secs(60);
+        let stale = temp_file_written_ago(
+            &schedule,
+            ".adce-tmp.00000000000000aa.20241023.json",
+            stale_temp_age(hour) + margin,
+        );
+        let fresh = temp_file_written_ago(
+            &schedule,
+            ".adce-tmp.00000000000000bb.20241024.json",
+            stale_temp_age(hour) - margin,
+        );
+        // A write in flight, and old look-alikes that are not the lake's temp
+        // files: a directory, and a file without the prefix.
+        let mut live = lake.put("nba/schedule/20241025.json").await.unwrap();
+        live.write(b"[1]").await.unwrap();
+        let old = stale_temp_age(hour) * 2;
+        let not_a_file = schedule.join(".adce-tmp.dir");
+        std::fs::create_dir(&not_a_file).unwrap();
+        std::fs::File::open(&not_a_file)
+            .unwrap()
+            .set_modified(SystemTime::now() - old)
+            .unwrap();
+        let other = temp_file_written_ago(&schedule, ".other-tmp.json", old);
+        // A stale temp file in a directory the listing does not walk.
+        let elsewhere = temp_file_written_ago(
+            &dir.path().join("nba/box"),
+            ".adce-tmp.00000000000000cc.1.json",
+            old,
+        );
+
+        let listed = list_all(&lake, "nba/schedule/").await.unwrap();
+        let keys: Vec<&str> = listed.iter().map(|m| m.key.as_str()).collect();
+        assert!(!keys.iter().any(|k| k.contains(TEMP_PREFIX)), "{keys:?}");
+        assert!(!stale.exists(), "the stale temp file was kept");
+        assert!(fresh.exists(), "a fresh temp file was removed");
+        assert!(not_a_file.is_dir() && other.exists());
+        assert!(
+            elsewhere.exists(),
+            "a directory that was not listed was cleaned"
+        );
+        // The live write still commits.
+        live.commit().await.unwrap();
+        assert_eq!(
+            lake.get("nba/schedule/20241025.json", 10)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"[1]"[..])
+        );
+
+        // With a shorter upload limit the same temp file is stale.
+        let strict = lake.clone().with_max_upload_time(Duration::from_secs(60));
+        list_all(&strict, "nba/").await.unwrap();
+        assert!(!fresh.exists() && !elsewhere.exists());
     }
 
     #[tokio::test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use local::{LocalDir, LocalLake};
-pub use s3::{S3Bucket, S3Lake};
+pub use local::{LocalDir, LocalLake, stale_temp_age};
+pub use s3::{S3Bucket, S3Lake, SWEEP_INTERVAL};
 
 use crate::model::UnixMs;
 

@@ -7,11 +7,18 @@
 //! [`S3Bucket`], the read-only [`ObjectSource`] view of a bucket that S3
 //! Inventory reports are read from.
 //!
-//! A bucket used as a lake should still carry a lifecycle rule
-//! `AbortIncompleteMultipartUpload`: an abort that cannot reach S3 (the
-//! process is killed mid-upload) leaves an upload only S3 can clean up.
+//! An abort that cannot reach S3 (the process is killed mid-upload) leaves
+//! an incomplete upload behind, whose parts S3 keeps (and bills) until it is
+//! aborted. The lake sweeps for them itself: the first listing or probe after
+//! opening, and then the first one after each [`SWEEP_INTERVAL`], aborts the
+//! uploads under its prefix initiated more than `abort_incomplete_after` ago
+//! ([`S3Lake::abort_incomplete_uploads`]). A bucket lifecycle rule
+//! `AbortIncompleteMultipartUpload` remains a good backstop for what no lake
+//! sweeps any more (a prefix that was moved).
 
 use std::io::ErrorKind;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,7 +30,7 @@ use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     ByteReader, LIST_PAGE, Lake, LakeError, ObjectMeta, ObjectSource, ObjectWriter, PageSink,
@@ -50,6 +57,14 @@ const MAX_PARTS: i32 = 10_000;
 const CHECKSUM: ChecksumAlgorithm = ChecksumAlgorithm::Crc32C;
 /// The region used by [`S3Lake::with_static_credentials`] when the config has none.
 const FALLBACK_REGION: &str = "us-east-1";
+/// How often the lake sweeps for incomplete multipart uploads to abort. Only
+/// a killed server leaves one, so once an hour is plenty; a sweep is one
+/// ListMultipartUploads request per thousand open uploads (and an abort per
+/// stale one), piggybacked on a listing or probe that runs anyway.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+/// A sweep reads at most this many pages of open uploads (a thousand each);
+/// the rest wait for the next sweep.
+const MAX_SWEEP_PAGES: usize = 100;
 
 /// A lake in an S3 (or S3-compatible) bucket under a key prefix.
 #[derive(Debug, Clone)]
@@ -60,6 +75,11 @@ pub struct S3Lake {
     prefix: String,
     multipart_threshold: u64,
     part_size: u64,
+    /// Incomplete multipart uploads initiated longer ago are aborted by sweeps.
+    abort_incomplete_after: Duration,
+    /// When the next sweep is due, in ms since the Unix epoch (0: at the
+    /// first listing or probe). Shared by every clone.
+    next_sweep_ms: Arc<AtomicI64>,
 }
 
 impl S3Lake {
@@ -127,6 +147,8 @@ impl S3Lake {
             prefix: normalize_prefix(&cfg.prefix),
             multipart_threshold: cfg.multipart_threshold,
             part_size: cfg.multipart_part_size.max(MIN_PART_SIZE),
+            abort_incomplete_after: cfg.abort_incomplete_after,
+            next_sweep_ms: Arc::new(AtomicI64::new(0)),
         }
     }
 
@@ -154,6 +176,140 @@ impl S3Lake {
     fn s3_key(&self, key: &str) -> Result<String, LakeError> {
         s3_key(&self.prefix, key)
     }
+
+    /// Aborts the incomplete multipart uploads of lake keys under the prefix
+    /// that were initiated more than `abort_incomplete_after` before `now`
+    /// (ms since the Unix epoch), and returns how many it aborted. Each abort
+    /// is logged; one that fails is logged and skipped.
+    pub async fn abort_incomplete_uploads(&self, now: UnixMs) -> Result<u64, LakeError> {
+        let mut aborted = 0;
+        let mut key_marker: Option<String> = None;
+        let mut upload_id_marker: Option<String> = None;
+        for _ in 0..MAX_SWEEP_PAGES {
+            let mut request = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_id_marker.take());
+            if !self.prefix.is_empty() {
+                request = request.prefix(&self.prefix);
+            }
+            let page = request
+                .send()
+                .await
+                .map_err(|err| sdk_error("list uploads under", &self.prefix, err))?;
+            for upload in page.uploads() {
+                let (Some(s3_key), Some(upload_id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                // Only the lake's own keys: nothing else under the prefix is
+                // an upload this lake started.
+                if lake_key(&self.prefix, s3_key).is_none() {
+                    continue;
+                }
+                let Some(initiated) = upload.initiated().and_then(|t| t.to_millis().ok()) else {
+                    continue;
+                };
+                if !is_stale(initiated, now, self.abort_incomplete_after) {
+                    continue;
+                }
+                if self.abort_stale_upload(s3_key, upload_id, initiated).await {
+                    aborted += 1;
+                }
+            }
+            if !page.is_truncated().unwrap_or(false) {
+                return Ok(aborted);
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            upload_id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && upload_id_marker.is_none() {
+                return Ok(aborted);
+            }
+        }
+        debug!(
+            aborted,
+            "sweep stopped after {MAX_SWEEP_PAGES} pages of uploads"
+        );
+        Ok(aborted)
+    }
+
+    /// Aborts one stale upload found by a sweep; whether it was aborted.
+    async fn abort_stale_upload(&self, s3_key: &str, upload_id: &str, initiated: UnixMs) -> bool {
+        let initiated = chrono::DateTime::from_timestamp_millis(initiated)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(s3_key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => {
+                info!(
+                    key = s3_key,
+                    upload_id,
+                    initiated,
+                    "aborted an incomplete multipart upload left by an interrupted write"
+                );
+                true
+            }
+            // Gone in between (its writer finished or aborted it).
+            Err(err) if is_not_found(&err) => false,
+            Err(err) => {
+                warn!(
+                    key = s3_key,
+                    upload_id,
+                    initiated,
+                    error = %DisplayErrorContext(&err),
+                    "cannot abort an incomplete multipart upload"
+                );
+                false
+            }
+        }
+    }
+
+    /// Sweeps when a sweep is due (see [`SWEEP_INTERVAL`]); one caller of
+    /// many concurrent ones claims it, the others go on at once. A failed
+    /// sweep is logged and waits for the next interval: it never fails the
+    /// listing or probe it rides on.
+    async fn sweep_if_due(&self) {
+        let now = now_ms();
+        let due = self.next_sweep_ms.load(Ordering::Acquire);
+        if now < due {
+            return;
+        }
+        let interval = i64::try_from(SWEEP_INTERVAL.as_millis()).unwrap_or(i64::MAX);
+        let next = now.saturating_add(interval);
+        if self
+            .next_sweep_ms
+            .compare_exchange(due, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        match self.abort_incomplete_uploads(now).await {
+            Ok(0) => debug!(lake = %self.describe(), "no stale multipart upload"),
+            Ok(aborted) => {
+                info!(lake = %self.describe(), aborted, "stale multipart uploads aborted")
+            }
+            Err(e) => warn!(
+                lake = %self.describe(),
+                error = %e,
+                "sweeping for stale multipart uploads failed; trying again in an hour"
+            ),
+        }
+    }
+}
+
+/// Whether an upload initiated at `initiated` (ms since the Unix epoch) is
+/// older than `age` at `now`.
+fn is_stale(initiated: UnixMs, now: UnixMs, age: Duration) -> bool {
+    let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    initiated < now.saturating_sub(age)
 }
 
 /// Normalizes a lake prefix: no leading or trailing `/` runs, then one `/`
@@ -287,6 +443,7 @@ impl Lake for S3Lake {
     }
 
     async fn list(&self, prefix: &str, pages: PageSink) -> Result<u64, LakeError> {
+        self.sweep_if_due().await;
         let full_prefix = format!("{}{prefix}", self.prefix);
         let mut stream = self
             .client
@@ -371,8 +528,11 @@ impl Lake for S3Lake {
             .bucket(&self.bucket)
             .send()
             .await
-            .map(|_| ())
-            .map_err(|err| sdk_error("probe", &self.bucket, err))
+            .map_err(|err| sdk_error("probe", &self.bucket, err))?;
+        // The server probes at start and every half minute: a lake that is
+        // never listed (an inventory report without hot sources) is swept too.
+        self.sweep_if_due().await;
+        Ok(())
     }
 }
 
@@ -744,6 +904,20 @@ mod tests {
     }
 
     #[test]
+    fn uploads_are_stale_once_older_than_the_age() {
+        let day = Duration::from_secs(24 * 3600);
+        let now: UnixMs = 1_700_000_000_000;
+        let day_ms = 24 * 3600 * 1000;
+        assert!(is_stale(now - day_ms - 1, now, day));
+        assert!(!is_stale(now - day_ms, now, day));
+        assert!(!is_stale(now - 1000, now, day));
+        // An upload from the future (clock skew) is never stale.
+        assert!(!is_stale(now + 1000, now, day));
+        assert!(!is_stale(0, now, Duration::MAX));
+        assert!(is_stale(now - 1, now, Duration::ZERO));
+    }
+
+    #[test]
     fn part_size_is_at_least_the_s3_minimum() {
         let cfg = config::S3Lake {
             bucket: "b".into(),
@@ -754,6 +928,7 @@ mod tests {
             multipart_threshold: 1,
             multipart_part_size: 1024,
             list_concurrency: 1,
+            abort_incomplete_after: config::DEFAULT_ABORT_INCOMPLETE_AFTER,
             inventory: None,
         };
         let lake = S3Lake::with_static_credentials(&cfg, "k", "s");

@@ -6,40 +6,27 @@
 //! each cutting only the offending agent off (its task follows the lost-agent
 //! path while a real agent keeps working), and `server.max_agents`.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adce_proto::v1 as pb;
-use adce_proto::v1::agent_gateway_client::AgentGatewayClient;
 use adce_proto::v1::agent_message::Kind as In;
-use adce_proto::v1::server_message::Kind as Out;
+use adce_tests::raw_agent::{CLOSE_TIMEOUT, MESSAGE_TIMEOUT, RawAgent};
 use adce_tests::{
     AgentProc, ServerProc, TestDir, all_tasks, base_config, ctl_json, files_under, free_addr,
     log_entries, state_of, task_id, wait_until,
 };
 use serde_json::Value;
-use tonic::codegen::tokio_stream;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
 
-/// How long one message from the server may take to arrive.
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the server may take to end a stream it refused.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long work may take to finish after the hostile part.
 const DONE_TIMEOUT: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(200);
-/// The hand-made agent heartbeats this often (the test config's interval).
-const HEARTBEAT: Duration = Duration::from_millis(500);
-/// It heartbeats at most this many times (ten minutes' worth).
-const MAX_HEARTBEATS: u32 = 1200;
 /// The flood: at most this many messages, for at most this long.
 const FLOOD_MESSAGES: usize = 100_000;
 const FLOOD_FOR: Duration = Duration::from_secs(10);
 /// One log line of 100 MB.
 const HUGE_LINE_BYTES: usize = 100 * 1024 * 1024;
-/// Messages the hand-made agent may have queued for sending.
-const OUTBOX: usize = 1024;
 
 /// A config with one task per item; its scraper waits while `hold` exists
 /// next to the config, then writes its expected keys. `server` lines are
@@ -75,156 +62,6 @@ fn runtime() -> tokio::runtime::Runtime {
     {
         Ok(runtime) => runtime,
         Err(e) => panic!("cannot build a runtime: {e}"),
-    }
-}
-
-/// A hand-driven agent: a Connect stream whose messages the test writes, an
-/// upload client, and a background heartbeat for the leases it was assigned.
-struct RawAgent {
-    id: String,
-    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
-    rx: Streaming<pb::ServerMessage>,
-    client: AgentGatewayClient<Channel>,
-    leases: Arc<Mutex<Vec<String>>>,
-    heartbeat: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RawAgent {
-    fn drop(&mut self) {
-        self.heartbeat.abort();
-    }
-}
-
-impl RawAgent {
-    /// Connects as `id` with `slots` and reads the Welcome; the refusal when
-    /// the server refuses the agent.
-    async fn connect(url: &str, id: &str, slots: u32) -> Result<RawAgent, Status> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut client = AgentGatewayClient::new(channel);
-        let (tx, outbox) = tokio::sync::mpsc::channel(OUTBOX);
-        let hello = pb::AgentMessage {
-            kind: Some(In::Hello(pb::Hello {
-                agent_id: id.to_string(),
-                hostname: "raw-test-client".into(),
-                slots,
-                version: "test".into(),
-                ..Default::default()
-            })),
-        };
-        if tx.send(hello).await.is_err() {
-            return Err(Status::internal("the outbox closed before Hello"));
-        }
-        let mut rx = client
-            .connect(tokio_stream::wrappers::ReceiverStream::new(outbox))
-            .await?
-            .into_inner();
-        match tokio::time::timeout(MESSAGE_TIMEOUT, rx.message()).await {
-            Ok(Ok(Some(pb::ServerMessage {
-                kind: Some(Out::Welcome(_)),
-            }))) => {}
-            Ok(Err(status)) => return Err(status),
-            Ok(other) => panic!("{id}: expected a Welcome, got {other:?}"),
-            Err(_) => panic!("{id}: no Welcome within {MESSAGE_TIMEOUT:?}"),
-        }
-        let leases = Arc::new(Mutex::new(Vec::new()));
-        let heartbeat = tokio::spawn({
-            let (tx, leases) = (tx.clone(), leases.clone());
-            async move {
-                for _ in 0..MAX_HEARTBEATS {
-                    tokio::time::sleep(HEARTBEAT).await;
-                    let running_leases = leases.lock().map(|l| l.clone()).unwrap_or_default();
-                    let beat = pb::AgentMessage {
-                        kind: Some(In::Heartbeat(pb::Heartbeat { running_leases })),
-                    };
-                    if tx.send(beat).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(RawAgent {
-            id: id.to_string(),
-            tx,
-            rx,
-            client,
-            leases,
-            heartbeat,
-        })
-    }
-
-    /// Waits for the next Assign and heartbeats its lease from then on.
-    async fn assign(&mut self) -> pb::Assign {
-        for _ in 0..100 {
-            match tokio::time::timeout(MESSAGE_TIMEOUT, self.rx.message()).await {
-                Ok(Ok(Some(pb::ServerMessage {
-                    kind: Some(Out::Assign(assign)),
-                }))) => {
-                    if let Ok(mut leases) = self.leases.lock() {
-                        leases.push(assign.lease_id.clone());
-                    }
-                    return assign;
-                }
-                Ok(Ok(Some(_))) => {}
-                Ok(other) => panic!("{}: stream ended before an Assign: {other:?}", self.id),
-                Err(_) => panic!("{}: no Assign within {MESSAGE_TIMEOUT:?}", self.id),
-            }
-        }
-        panic!("{}: 100 messages and no Assign", self.id);
-    }
-
-    /// Sends one message on the Connect stream; false once it is closed.
-    async fn send(&self, kind: In) -> bool {
-        self.tx
-            .send(pb::AgentMessage { kind: Some(kind) })
-            .await
-            .is_ok()
-    }
-
-    /// Uploads `bytes` as `key` under `lease`, claiming to be agent `agent`.
-    async fn upload(
-        &mut self,
-        lease: &str,
-        agent: &str,
-        key: &str,
-        bytes: &[u8],
-    ) -> Result<pb::UploadReply, Status> {
-        let chunks = vec![
-            pb::UploadChunk {
-                kind: Some(pb::upload_chunk::Kind::Header(pb::UploadHeader {
-                    lease_id: lease.to_string(),
-                    key: key.to_string(),
-                    size: bytes.len() as u64,
-                    agent_id: agent.to_string(),
-                })),
-            },
-            pb::UploadChunk {
-                kind: Some(pb::upload_chunk::Kind::Data(bytes.to_vec())),
-            },
-        ];
-        self.client
-            .upload(tokio_stream::iter(chunks))
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    /// Reads the Connect stream until the server ends it; its final status
-    /// (OK when it simply ended).
-    async fn closed(&mut self) -> Status {
-        let deadline = Instant::now() + CLOSE_TIMEOUT;
-        for _ in 0..100_000 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.rx.message()).await {
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None)) => return Status::ok("stream ended"),
-                Ok(Err(status)) => return status,
-                Err(_) => break,
-            }
-        }
-        panic!("{}: the server did not end the stream", self.id);
     }
 }
 

@@ -11,6 +11,7 @@ mod auth;
 mod config;
 mod confinement;
 mod crash;
+mod crash_cleanup;
 mod dependent;
 mod dev;
 mod failures;
