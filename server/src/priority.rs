@@ -129,6 +129,11 @@ impl PriorityRules {
 
     /// The base priority of `partition`'s gaps on `today` after the rules (the first
     /// matching rule wins), with why: "base", "rule: within 3d", "rule: current season".
+    /// Whether a partition's priority depends on the date (it has rules).
+    pub fn depends_on_date(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
     pub fn base_for(&self, partition: &Partition, today: NaiveDate) -> (Priority, Reason) {
         self.rules
             .iter()

@@ -121,8 +121,11 @@ pub struct Gap {
 /// The result of planning.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
-    /// Every gap, in catalog order.
+    /// Every gap, in catalog order (empty when the gaps went to a sink,
+    /// see [`Planner::with_sink`]).
     pub gaps: Vec<Gap>,
+    /// How many gaps were found.
+    pub gap_count: u64,
     /// Coverage per source, indexed like `sources`.
     pub coverage: Vec<Coverage>,
 }
@@ -143,8 +146,10 @@ impl Plan {
     }
 }
 
+/// Where a planner puts the gaps it finds.
+pub type GapSink<'a> = Box<dyn FnMut(Gap) + 'a>;
+
 /// Plans one reconcile from partitions fed one at a time.
-#[derive(Debug)]
 pub struct Planner<'a> {
     sources: &'a [PlanSource],
     observed: &'a ObservedIndex,
@@ -152,6 +157,17 @@ pub struct Planner<'a> {
     now: UnixMs,
     today: NaiveDate,
     plan: Plan,
+    /// Gaps go here instead of into the plan, when set.
+    sink: Option<GapSink<'a>>,
+}
+
+impl std::fmt::Debug for Planner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Planner")
+            .field("now", &self.now)
+            .field("gaps", &self.plan.gap_count)
+            .finish_non_exhaustive()
+    }
 }
 
 fn ms(d: Duration) -> i64 {
@@ -176,9 +192,26 @@ impl<'a> Planner<'a> {
             today,
             plan: Plan {
                 gaps: Vec::new(),
+                gap_count: 0,
                 coverage: vec![Coverage::default(); sources.len()],
             },
+            sink: None,
         }
+    }
+
+    /// A planner that hands each gap to `sink` as it is found instead of
+    /// keeping it in the plan, so a reconcile of millions of gaps holds
+    /// none of them.
+    pub fn with_sink(
+        sources: &'a [PlanSource],
+        observed: &'a ObservedIndex,
+        queue: &'a QueueView,
+        now: UnixMs,
+        sink: GapSink<'a>,
+    ) -> Self {
+        let mut planner = Planner::new(sources, observed, queue, now);
+        planner.sink = Some(sink);
+        planner
     }
 
     /// Whether objects of `partition` of `source` must be younger than some
@@ -256,13 +289,18 @@ impl<'a> Planner<'a> {
             Some(QueueEntry::Active | QueueEntry::Dead | QueueEntry::Cancelled) => false,
             Some(QueueEntry::Unavailable { recheck_at }) => *recheck_at <= self.now,
         };
-        self.plan.gaps.push(Gap {
+        let gap = Gap {
             source,
             partition: partition.clone(),
             reason,
             keys: keys.to_vec(),
             needs_task,
-        });
+        };
+        self.plan.gap_count += 1;
+        match &mut self.sink {
+            Some(sink) => sink(gap),
+            None => self.plan.gaps.push(gap),
+        }
     }
 
     /// The plan.

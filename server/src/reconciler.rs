@@ -23,7 +23,7 @@ use crate::logs::Event;
 use crate::model::{Partition, Priority, UnixMs, Value, now_ms};
 use crate::observed::{ObservedIndex, ObservedObject};
 use crate::reconcile::{
-    Coverage, Plan, PlanSource, Planner, QueueView, for_each_product, nth_partition,
+    Coverage, Gap, GapSink, Plan, PlanSource, Planner, QueueView, for_each_product, nth_partition,
 };
 use crate::scheduler::{Handle, PlannedTask};
 
@@ -37,6 +37,11 @@ const REPORT_MARGIN_DAYS: i64 = 1;
 const MAX_CONFIRMED: usize = 20_000;
 /// Confirmations in flight at once.
 const CONFIRM_CONCURRENCY: usize = 16;
+/// Planned tasks handed to the scheduler in one command: small enough that
+/// the scheduler dispatches between chunks, large enough to batch the store.
+const APPLY_CHUNK: usize = 2_000;
+/// Chunks planned ahead of the scheduler at most.
+const APPLY_CHUNKS_IN_FLIGHT: usize = 2;
 
 /// Coverage per source from the last reconcile.
 #[derive(Debug, Clone, Default)]
@@ -115,6 +120,8 @@ pub struct Reconciler {
     catalog: Arc<Catalog>,
     lake: SharedLake,
     scheduler: Handle,
+    /// Where the queue is read for planning.
+    readers: Arc<crate::store::Readers>,
     inventory: Option<InventorySource>,
     parents: HashMap<String, ParentEntry>,
     metrics: crate::metrics::Metrics,
@@ -129,11 +136,13 @@ struct Observation {
 }
 
 impl Reconciler {
-    /// A reconciler over `catalog` and `lake`, reading `inventory` reports when given.
+    /// A reconciler over `catalog` and `lake`, reading `inventory` reports
+    /// when given, and the queue through `readers`.
     pub fn new(
         catalog: Arc<Catalog>,
         lake: SharedLake,
         scheduler: Handle,
+        readers: Arc<crate::store::Readers>,
         inventory: Option<InventorySource>,
         metrics: crate::metrics::Metrics,
     ) -> Self {
@@ -141,6 +150,7 @@ impl Reconciler {
             catalog,
             lake,
             scheduler,
+            readers,
             inventory,
             parents: HashMap::new(),
             metrics,
@@ -192,42 +202,69 @@ impl Reconciler {
         ))
         .await;
 
-        let view = self.scheduler.queue_view().await?;
+        // Committed state is enough: applying the plan re-checks each
+        // partition against the store.
+        let view = self.readers.with(crate::store::queue_view).await?;
         let catalog = self.catalog.clone();
         let index = observation.index;
         let observed_objects = index.present() as u64;
-        let plan = tokio::task::spawn_blocking(move || {
-            plan_catalog(&catalog, today, &dependent, &index, &view, now)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("planning panicked: {e}")))?;
-        let tasks: Vec<PlannedTask> = plan
-            .upserts()
-            .map(|gap| {
-                let source = &self.catalog.sources[gap.source];
-                PlannedTask {
-                    source: source.name.clone(),
-                    scraper: source.scraper.clone(),
-                    partition: gap.partition.clone(),
-                    priority: source.priority_rules.base_for(&gap.partition, today).0,
-                    reason: gap.reason,
-                    keys: gap.keys.clone(),
+        // Planning streams the gaps that need a task to the scheduler in
+        // chunks as it finds them: neither side ever holds them all, and
+        // the scheduler keeps dispatching between chunks.
+        let (chunks, mut planned) = mpsc::channel::<Vec<PlannedTask>>(APPLY_CHUNKS_IN_FLIGHT);
+        let planning = tokio::task::spawn_blocking(move || {
+            let mut chunk = Vec::with_capacity(APPLY_CHUNK);
+            let mut needing = 0u64;
+            let plan = plan_catalog_into(
+                &catalog,
+                today,
+                &dependent,
+                &index,
+                &view,
+                now,
+                Box::new(|gap: Gap| {
+                    if !gap.needs_task {
+                        return;
+                    }
+                    needing += 1;
+                    chunk.push(planned_task(&catalog, gap, today));
+                    if chunk.len() >= APPLY_CHUNK {
+                        // A closed channel means the apply side gave up; the
+                        // plan's numbers are still wanted.
+                        let _ = chunks.blocking_send(std::mem::take(&mut chunk));
+                    }
+                }),
+            );
+            if !chunk.is_empty() {
+                let _ = chunks.blocking_send(chunk);
+            }
+            (plan, needing)
+        });
+        let mut created = 0;
+        let mut applied = Ok(());
+        while let Some(chunk) = planned.recv().await {
+            match self.scheduler.apply_plan(chunk, observed_at).await {
+                Ok(n) => created += n,
+                Err(e) => {
+                    applied = Err(e);
+                    break;
                 }
-            })
-            .collect();
+            }
+        }
+        drop(planned);
+        let (plan, needing) = planning
+            .await
+            .map_err(|e| Error::Internal(format!("planning panicked: {e}")))?;
+        applied?;
         let total = plan.total();
         report(ReconcileProgress::Phase(
             "plan",
             format!(
-                "{} expected objects, {} partitions with gaps, {} need a task",
-                total.expected,
-                plan.gaps.len(),
-                tasks.len()
+                "{} expected objects, {} partitions with gaps, {needing} need a task",
+                total.expected, plan.gap_count,
             ),
         ))
         .await;
-
-        let created = self.scheduler.apply_plan(tasks, observed_at).await?;
         report(ReconcileProgress::Phase(
             "apply",
             format!("{created} tasks created or reopened"),
@@ -249,7 +286,7 @@ impl Reconciler {
         let summary = ReconcileSummary {
             expected_objects: total.expected,
             observed_objects,
-            gaps: plan.gaps.len() as u64,
+            gaps: plan.gap_count,
             tasks_created: created,
             duration: started.elapsed(),
             coverage: total,
@@ -574,8 +611,33 @@ pub fn plan_catalog(
     queue: &QueueView,
     now: UnixMs,
 ) -> Plan {
+    let mut gaps = Vec::new();
+    let mut plan = plan_catalog_into(
+        catalog,
+        today,
+        dependent,
+        observed,
+        queue,
+        now,
+        Box::new(|gap| gaps.push(gap)),
+    );
+    plan.gaps = gaps;
+    plan
+}
+
+/// Like [`plan_catalog`], handing each gap to `sink` as it is found; the
+/// plan returned holds the numbers, not the gaps.
+pub fn plan_catalog_into<'a>(
+    catalog: &'a Catalog,
+    today: NaiveDate,
+    dependent: &'a [(usize, Vec<ExpectedPartition>)],
+    observed: &'a ObservedIndex,
+    queue: &'a QueueView,
+    now: UnixMs,
+    sink: GapSink<'a>,
+) -> Plan {
     let sources = plan_sources(catalog);
-    let mut planner = Planner::new(&sources, observed, queue, now);
+    let mut planner = Planner::with_sink(&sources, observed, queue, now, sink);
     for (idx, source) in catalog.sources.iter().enumerate() {
         if source.dependency().is_some() {
             continue;
@@ -644,6 +706,19 @@ impl ProbeBatch {
             );
         }
         self.keys.clear();
+    }
+}
+
+/// The task a gap of `catalog` needs, with its priority as of `today`.
+fn planned_task(catalog: &Catalog, gap: Gap, today: NaiveDate) -> PlannedTask {
+    let source = &catalog.sources[gap.source];
+    PlannedTask {
+        source: source.name.clone(),
+        scraper: source.scraper.clone(),
+        priority: source.priority_rules.base_for(&gap.partition, today).0,
+        partition: gap.partition,
+        reason: gap.reason,
+        keys: gap.keys,
     }
 }
 

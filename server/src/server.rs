@@ -295,6 +295,7 @@ pub async fn run(
         catalog.clone(),
         lake.clone(),
         sched.clone(),
+        readers.clone(),
         inventory,
         metrics.clone(),
     );

@@ -334,7 +334,7 @@ fn collect_tasks(
     Ok(out)
 }
 
-/// Every pending or leased task, to rebuild the in-memory queue at start.
+/// Every pending or leased task (tests compare them with the scheduler's memory).
 pub fn load_active(conn: &Connection) -> Result<Vec<TaskRow>> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('pending', 'leased')"
@@ -343,25 +343,98 @@ pub fn load_active(conn: &Connection) -> Result<Vec<TaskRow>> {
     collect_tasks(rows)
 }
 
-/// `(source, partition_key, state, ready_at)` of tasks in states that block
-/// reconciliation from creating a task: dead, cancelled, unavailable.
-pub fn blocking_terminal(conn: &Connection) -> Result<Vec<(String, String, TaskState, UnixMs)>> {
-    let mut stmt = conn.prepare(
-        "SELECT source, partition_key, state, ready_at FROM tasks \
-         WHERE state IN ('dead', 'cancelled', 'unavailable')",
+/// Every leased task, to re-arm the live leases at start.
+pub fn load_leased(conn: &Connection) -> Result<Vec<TaskRow>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'leased'"
+    ))?;
+    let rows = stmt.query_map([], task_from_row)?;
+    collect_tasks(rows)
+}
+
+/// Up to `limit` pending tasks of `scraper` at base `priority` after the
+/// dispatch key `after` (ready time, id; from the start when `None`), in
+/// that order: how the ready queue refills its window (index `tasks_ready`).
+pub fn pending_after(
+    conn: &Connection,
+    scraper: &str,
+    priority: Priority,
+    after: Option<(UnixMs, TaskId)>,
+    limit: usize,
+) -> Result<Vec<TaskRow>> {
+    let (ready_at, id) = after.unwrap_or((i64::MIN, TaskId(i64::MIN)));
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_ready \
+         WHERE state = 'pending' AND scraper = ?1 AND priority = ?2 \
+           AND (ready_at, id) > (?3, ?4) \
+         ORDER BY ready_at, id LIMIT ?5"
+    ))?;
+    let rows = stmt.query_map(
+        params![
+            scraper,
+            priority.as_i64(),
+            ready_at,
+            id.0,
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        task_from_row,
     )?;
-    let rows = stmt.query_map([], |row| {
+    collect_tasks(rows)
+}
+
+/// Pending tasks of `scraper` at base `priority` not ready before `now`.
+pub fn delayed_count(
+    conn: &Connection,
+    scraper: &str,
+    priority: Priority,
+    now: UnixMs,
+) -> Result<u64> {
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM tasks INDEXED BY tasks_ready \
+             WHERE state = 'pending' AND scraper = ?1 AND priority = ?2 AND ready_at > ?3",
+        )?
+        .query_row(params![scraper, priority.as_i64(), now], |row| row.get(0))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Up to `limit` pending or leased tasks with ids above `after`, by id: how
+/// priority rules are re-applied to the whole queue a chunk at a time.
+pub fn active_after(conn: &Connection, after: TaskId, limit: usize) -> Result<Vec<TaskRow>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE id > ?1 AND state IN ('pending', 'leased') \
+         ORDER BY id LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(
+        params![after.0, i64::try_from(limit).unwrap_or(i64::MAX)],
+        task_from_row,
+    )?;
+    collect_tasks(rows)
+}
+
+/// The queue as planning sees it: every task that blocks planning a new one
+/// for its partition (active, dead, cancelled, unavailable).
+pub fn queue_view(conn: &Connection) -> Result<crate::reconcile::QueueView> {
+    use crate::reconcile::QueueEntry;
+    let mut stmt = conn.prepare(
+        "SELECT source, partition_key, state, ready_at FROM tasks WHERE state != 'done'",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut view = crate::reconcile::QueueView::new();
+    while let Some(row) = rows.next()? {
         let state: String = row.get(2)?;
-        Ok((row.get(0)?, row.get(1)?, state, row.get(3)?))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (source, key, state, ready_at): (String, String, String, i64) = row?;
-        if let Some(state) = TaskState::parse(&state) {
-            out.push((source, key, state, ready_at));
-        }
+        let entry = match TaskState::parse(&state) {
+            Some(TaskState::Pending | TaskState::Leased) => QueueEntry::Active,
+            Some(TaskState::Dead) => QueueEntry::Dead,
+            Some(TaskState::Cancelled) => QueueEntry::Cancelled,
+            Some(TaskState::Unavailable) => QueueEntry::Unavailable {
+                recheck_at: row.get(3)?,
+            },
+            Some(TaskState::Done) | None => continue,
+        };
+        view.insert((row.get(0)?, row.get(1)?), entry);
     }
-    Ok(out)
+    Ok(view)
 }
 
 /// A task the plan wants to exist.

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::logs::Event;
-use crate::model::{AgentId, LeaseId, TaskId, UnixMs};
+use crate::model::{AgentId, LeaseId, TaskId, TaskState, UnixMs};
 use crate::store::AgentRow;
 
 /// The longest agent id, in bytes.
@@ -406,14 +406,13 @@ impl State {
         let after = millis(self.opts.no_agent_after);
         let mut notes: Vec<WaitingNote> = self
             .queue
-            .ready_by_scraper()
-            .filter(|(_, ready)| *ready > 0)
-            .filter_map(|(scraper, ready)| {
+            .ready_scrapers(now)
+            .filter_map(|scraper| {
                 let (since, _) = self.unroutable.get(scraper)?;
                 (now - since >= after).then(|| WaitingNote {
                     scraper: scraper.to_string(),
                     reason: self.unroutable_reason(scraper),
-                    ready: ready as u64,
+                    ready: self.counts.of_scraper(TaskState::Pending, scraper),
                     since: *since,
                 })
             })
@@ -427,10 +426,9 @@ impl State {
     pub(super) fn track_unroutable(&mut self, fx: &mut Effects, now: UnixMs) {
         let stuck: Vec<Arc<str>> = self
             .queue
-            .ready_by_scraper()
-            .filter(|(_, ready)| *ready > 0)
-            .map(|(s, _)| s.clone())
+            .ready_scrapers(now)
             .filter(|s| !self.agents.values().any(|a| a.eligible.contains(s)))
+            .cloned()
             .collect();
         self.unroutable.retain(|s, _| stuck.contains(s));
         for scraper in stuck {

@@ -51,22 +51,25 @@ impl Counts {
         self.dirty.insert(to);
     }
 
-    /// Tasks in `state` with `scraper`, by base priority.
+    /// Tasks in `state` with `scraper`.
     pub fn of_scraper(&self, state: TaskState, scraper: &str) -> u64 {
-        self.n
-            .iter()
-            .filter(|((s, _, _, sc), _)| *s == state && &**sc == scraper)
+        self.of_state(state)
+            .filter(|((.., sc), _)| &**sc == scraper)
             .map(|(_, n)| n)
             .sum()
     }
 
     /// Tasks in `state`.
     pub fn total(&self, state: TaskState) -> u64 {
+        self.of_state(state).map(|(_, n)| n).sum()
+    }
+
+    /// The non-zero counts of `state`.
+    pub fn of_state(&self, state: TaskState) -> impl Iterator<Item = (&CountKey, u64)> {
         self.n
             .iter()
-            .filter(|((s, ..), _)| *s == state)
-            .map(|(_, n)| n)
-            .sum()
+            .filter(move |((s, ..), n)| *s == state && **n > 0)
+            .map(|(k, n)| (k, *n))
     }
 
     /// The write that stores the counts changed since the last flush.

@@ -20,7 +20,6 @@ use crate::error::{Error, Result};
 use crate::limits::GroupSnapshot;
 use crate::logs::LogBus;
 use crate::model::{AgentId, LeaseId, TaskId, TaskState, UnixMs};
-use crate::reconcile::QueueView;
 use crate::store::LogRow;
 
 /// A reply channel.
@@ -92,8 +91,6 @@ pub(super) enum Command {
         observed_at: UnixMs,
         reply: Reply<Result<u64>>,
     },
-    /// The queue as planning sees it.
-    QueueView { reply: Reply<Result<QueueView>> },
     /// Turns dispatch on or off.
     SetDispatch { enabled: bool },
     /// Sets how long log entries are kept.
@@ -312,11 +309,6 @@ impl Handle {
             reply,
         })
         .await?
-    }
-
-    /// The queue as planning sees it.
-    pub async fn queue_view(&self) -> Result<QueueView> {
-        self.call(|reply| Command::QueueView { reply }).await?
     }
 
     /// Turns dispatch on or off.

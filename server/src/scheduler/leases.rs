@@ -317,7 +317,7 @@ impl State {
             Some((TaskState::Leased, priority)),
             (TaskState::Pending, priority),
         );
-        self.queue.insert(&scraper, priority, ready_at, id, now);
+        self.enqueue(&scraper, priority, ready_at, id);
     }
 
     /// Ends a live lease from the server's side: forgets it, frees its limit
@@ -381,15 +381,14 @@ impl State {
     }
 
     /// Hands ready tasks to agents with free slots, round robin, each the
-    /// best task it may run whose limit groups admit a start now.
-    pub(super) fn dispatch(&mut self, fx: &mut Effects, now: UnixMs) {
-        if !self.dispatch_enabled
-            || self.stopping.is_some()
-            || self.queue.ready_len() == 0
-            || self.agents.is_empty()
-        {
-            return;
+    /// best task it may run whose limit groups admit a start now. Whether a
+    /// window ran low while tasks were assigned: after a refill from the
+    /// store, more may be assignable.
+    pub(super) fn dispatch(&mut self, fx: &mut Effects, now: UnixMs) -> bool {
+        if !self.dispatch_enabled || self.stopping.is_some() || self.agents.is_empty() {
+            return false;
         }
+        let mut assigned_any = false;
         let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
         loop {
             let mut assigned = false;
@@ -420,10 +419,44 @@ impl State {
                 assigned = true;
             }
             self.rr = self.rr.wrapping_add(1);
-            if !assigned || self.queue.ready_len() == 0 {
-                return;
+            assigned_any |= assigned;
+            if !assigned || !self.queue.any_ready(now) {
+                return assigned_any && !self.queue.refills().is_empty();
             }
         }
+    }
+
+    /// Loads the store's next pending tasks into every window that ran low.
+    /// The batch's writes must be applied first, so the store is current.
+    pub(super) fn refill(&mut self, conn: &rusqlite::Connection) -> crate::error::Result<()> {
+        let window = self.queue.window();
+        for refill in self.queue.refills() {
+            let rows = crate::store::pending_after(
+                conn,
+                &refill.scraper,
+                refill.priority,
+                refill.after,
+                window,
+            )?;
+            let keys: Vec<(UnixMs, TaskId)> = rows.iter().map(|r| (r.ready_at, r.id)).collect();
+            for row in rows {
+                let source = self.intern(&row.source);
+                self.tasks.entry(row.id).or_insert_with(|| {
+                    Active::pending(
+                        row.id,
+                        source,
+                        refill.scraper.clone(),
+                        row.partition,
+                        row.expected_keys,
+                        row.priority,
+                        row.attempts,
+                        row.ready_at,
+                    )
+                });
+            }
+            self.queue.refilled(&refill, &keys, keys.len() < window);
+        }
+        Ok(())
     }
 
     /// Leases task `id` to `agent_id` under a fresh lease and sends the

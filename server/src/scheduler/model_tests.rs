@@ -6,8 +6,13 @@
 //! through `State::handle`, `tick` and `dispatch` with the same apply and
 //! commit steps as the run loop, on a real SQLite store.
 //!
-//! After every step: no task is lost (the store's active tasks are exactly
-//! the ones in memory, each pending one in the queue), none is leased twice,
+//! The ready queue's windows are two tasks wide here, so most pending tasks
+//! live in the store only and windows are evicted and refilled all along.
+//!
+//! After every step: no task is lost (the leased tasks in the store are the
+//! live leases in memory; each window is a prefix of its sub-queue in the
+//! store, and a window that claims its whole sub-queue holds all of it; the
+//! tasks in memory agree with the store), none is leased twice,
 //! no agent is over its slots, every lease ends in exactly one verdict (one
 //! attempt row per lease, open exactly while it is live, and a second result
 //! for it is refused), and no limit group is over its concurrency.
@@ -65,6 +70,8 @@ sources:
 ";
 
 const AGENTS: usize = 3;
+/// Windows this small make most pending tasks live in the store only.
+const SMALL_WINDOW: usize = 2;
 const LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// One thing that happens to the scheduler.
@@ -170,7 +177,14 @@ fn options() -> SchedulerOptions {
     }
 }
 
-fn fresh_state(conn: &Connection, catalog: &Arc<Catalog>, now: UnixMs, seed: u64) -> State {
+/// A state reopened from the store, with windows of `window` tasks.
+fn fresh_state(
+    conn: &Connection,
+    catalog: &Arc<Catalog>,
+    now: UnixMs,
+    seed: u64,
+    window: usize,
+) -> State {
     let mut state = State::new(
         catalog.clone(),
         options(),
@@ -178,6 +192,7 @@ fn fresh_state(conn: &Connection, catalog: &Arc<Catalog>, now: UnixMs, seed: u64
         Box::new(rand::rngs::StdRng::seed_from_u64(seed)),
         now,
     );
+    state.queue = super::queue::ReadyQueue::with_window(window);
     load(conn, &mut state, now).unwrap();
     state.dispatch_enabled = true;
     state
@@ -191,7 +206,7 @@ impl Harness {
         let state_dir = dir.path().join("state");
         let conn = store::open_writer(&state_dir).unwrap();
         let now = 1_000_000;
-        let state = fresh_state(&conn, &catalog, now, 1);
+        let state = fresh_state(&conn, &catalog, now, 1, SMALL_WINDOW);
         Harness {
             _dir: dir,
             state_dir,
@@ -219,8 +234,8 @@ impl Harness {
             self.state.handle(&txn, &mut fx, cmd, self.now).unwrap();
             fx.apply(&txn).unwrap();
         }
-        self.state.tick(&mut fx, self.now);
-        self.state.end_batch(&mut fx, self.now, true);
+        self.state.tick(&txn, &mut fx, self.now).unwrap();
+        self.state.end_batch(&txn, &mut fx, self.now, true).unwrap();
         fx.apply(&txn).unwrap();
         txn.commit().unwrap();
         fx.release(&self.bus);
@@ -454,7 +469,13 @@ impl Harness {
                 let conn = store::open_writer(&self.state_dir).unwrap();
                 self.conn = conn;
                 self.restarts += 1;
-                self.state = fresh_state(&self.conn, &self.catalog, self.now, 1 + self.restarts);
+                self.state = fresh_state(
+                    &self.conn,
+                    &self.catalog,
+                    self.now,
+                    1 + self.restarts,
+                    SMALL_WINDOW,
+                );
             }
         }
     }
@@ -469,17 +490,77 @@ impl Harness {
     }
 
     fn check(&self) {
-        // The store's active tasks are exactly the ones in memory.
         let rows = store::load_active(&self.conn).unwrap();
-        let active: HashSet<TaskId> = rows.iter().map(|r| r.id).collect();
-        let in_memory: HashSet<TaskId> = self.state.tasks.keys().copied().collect();
-        assert_eq!(active, in_memory, "active tasks in the store vs in memory");
-        let pending = rows.iter().filter(|r| r.lease.is_none()).count();
+        let by_id: HashMap<TaskId, &store::TaskRow> = rows.iter().map(|r| (r.id, r)).collect();
+        // Every task in memory is active in the store, as remembered.
+        for (id, task) in &self.state.tasks {
+            let row = by_id
+                .get(id)
+                .unwrap_or_else(|| panic!("task {id} in memory only"));
+            assert_eq!(task.lease.is_some(), row.lease.is_some(), "task {id} state");
+            assert_eq!(
+                (task.priority, &*task.scraper),
+                (row.priority, row.scraper.as_str())
+            );
+            if task.lease.is_none() {
+                assert_eq!(task.ready_at, row.ready_at, "task {id} ready time");
+            }
+        }
+        // Every window is a prefix of its sub-queue; a complete one is all
+        // of it; every sub-queue with pending tasks has a window.
+        let mut subqueues: BTreeMap<(String, Priority), Vec<(UnixMs, TaskId)>> = BTreeMap::new();
+        for row in rows.iter().filter(|r| r.lease.is_none()) {
+            subqueues
+                .entry((row.scraper.clone(), row.priority))
+                .or_default()
+                .push((row.ready_at, row.id));
+        }
+        let windows = self.state.queue.windows();
+        let mut in_windows = 0;
+        for (scraper, priority, keys, complete) in &windows {
+            let mut stored = subqueues
+                .get(&(scraper.to_string(), *priority))
+                .cloned()
+                .unwrap_or_default();
+            stored.sort();
+            assert!(
+                keys.len() <= stored.len() && keys[..] == stored[..keys.len()],
+                "window of {scraper} {priority} is not a prefix: {keys:?} vs {stored:?}"
+            );
+            if *complete {
+                assert_eq!(
+                    keys.len(),
+                    stored.len(),
+                    "complete window of {scraper} {priority}"
+                );
+            }
+            for (_, id) in keys {
+                assert!(
+                    self.state.tasks.contains_key(id),
+                    "windowed task {id} not in memory"
+                );
+            }
+            in_windows += keys.len();
+        }
+        for (scraper, priority) in subqueues.keys() {
+            assert!(
+                windows
+                    .iter()
+                    .any(|(s, p, ..)| **s == **scraper && p == priority),
+                "pending tasks of {scraper} {priority} have no window"
+            );
+        }
+        let pending_in_memory = self
+            .state
+            .tasks
+            .values()
+            .filter(|t| t.lease.is_none())
+            .count();
         assert_eq!(
-            self.state.queue.ready_len() + self.state.queue.delayed_len(),
-            pending,
-            "every pending task is queued once"
+            in_windows, pending_in_memory,
+            "pending tasks in memory are windowed"
         );
+        assert_eq!(self.state.queue.in_memory(), in_windows);
         // No task lost: every task created still exists.
         for id in &self.created {
             assert!(
@@ -590,4 +671,93 @@ proptest! {
             h.check();
         }
     }
+}
+
+/// Every pending task in dispatch order at `now`, for an agent that may run
+/// every scraper, refilling windows from the store as they run low; the
+/// store is left as it was.
+fn drain_order(state: &mut State, conn: &mut Connection, now: UnixMs) -> Vec<TaskId> {
+    let names: Vec<String> = state.catalog.scrapers.keys().cloned().collect();
+    let scrapers: Vec<Arc<str>> = names.iter().map(|s| state.intern(s)).collect();
+    let txn = conn.transaction().unwrap();
+    let mut order = Vec::new();
+    loop {
+        state.refill(&txn).unwrap();
+        let Some(head) = state
+            .queue
+            .heads(scrapers.iter(), now, state.opts.aging)
+            .first()
+            .cloned()
+        else {
+            break;
+        };
+        state.queue.pop(&head.scraper, head.base);
+        order.push(head.key.2);
+    }
+    txn.rollback().unwrap();
+    order
+}
+
+#[test]
+fn the_queue_order_after_a_restart_equals_the_order_before() {
+    const TASKS: u64 = 100_000;
+    const CHUNK: u64 = 5_000;
+    let mut h = Harness::new();
+    h.state.queue = super::queue::ReadyQueue::default();
+    // Chunks planned at different times, priorities spread by a hash of the
+    // item, two scrapers: every sub-queue spills far beyond its window.
+    let mut planned = 0;
+    while planned < TASKS {
+        let tasks: Vec<PlannedTask> = (planned..planned + CHUNK)
+            .map(|i| {
+                let (source, scraper) = if i % 3 == 0 { ("b", "t") } else { ("a", "s") };
+                PlannedTask {
+                    source: source.into(),
+                    scraper: scraper.into(),
+                    partition: Partition {
+                        vars: vec![("item".into(), Value::Str(i.to_string()))],
+                    },
+                    priority: Priority::ALL[(i.wrapping_mul(2_654_435_761) % 4) as usize],
+                    reason: GapReason::Missing,
+                    keys: vec![format!("{source}/{i}.json")],
+                }
+            })
+            .collect();
+        // Each chunk is planned an hour after the last, so aging reorders.
+        h.now += 3_600_000;
+        let created = h.call(|reply| Command::ApplyPlan {
+            tasks,
+            observed_at: 0,
+            reply,
+        });
+        assert_eq!(created.unwrap(), CHUNK);
+        planned += CHUNK;
+    }
+    let now = h.now + 1;
+    assert!(
+        h.state.tasks.len() < 4 * 2 * 2 * super::queue::WINDOW + 1,
+        "{} tasks in memory with {TASKS} pending",
+        h.state.tasks.len()
+    );
+    let before = drain_order(&mut h.state, &mut h.conn, now);
+    assert_eq!(before.len() as u64, TASKS);
+    // The order is (effective priority, ready time, id), aging included.
+    let rows = store::load_active(&h.conn).unwrap();
+    let mut expected: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let (effective, _) =
+                crate::priority::effective(r.priority, r.ready_at, now, h.state.opts.aging);
+            (std::cmp::Reverse(effective), r.ready_at, r.id)
+        })
+        .collect();
+    expected.sort();
+    let expected: Vec<TaskId> = expected.into_iter().map(|k| k.2).collect();
+    assert_eq!(before, expected);
+
+    // A restart: a new state reopened from the store.
+    let mut conn = store::open_writer(&h.state_dir).unwrap();
+    let mut restarted = fresh_state(&conn, &h.catalog, now, 99, super::queue::WINDOW);
+    let after = drain_order(&mut restarted, &mut conn, now);
+    assert_eq!(after, before);
 }

@@ -14,7 +14,7 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::logs::Event;
 use crate::model::{Priority, TaskId, TaskState, UnixMs};
-use crate::store;
+use crate::store::{self, TaskRow};
 
 impl State {
     /// Puts the selected terminal tasks back in the queue: the ids retried,
@@ -72,19 +72,16 @@ impl State {
                     .source(source.to_string())
                     .row(),
             );
-            self.remember(
-                Active::pending(
-                    id,
-                    source,
-                    scraper,
-                    row.partition,
-                    row.expected_keys,
-                    row.priority,
-                    0,
-                    now,
-                ),
+            self.remember(Active::pending(
+                id,
+                source,
+                scraper,
+                row.partition,
+                row.expected_keys,
+                row.priority,
+                0,
                 now,
-            );
+            ));
             retried.push(id);
         }
         Ok((retried, skipped))
@@ -100,39 +97,50 @@ impl State {
         reason: &str,
         now: UnixMs,
     ) -> Result<TaskState> {
-        let Some(task) = self.tasks.get_mut(&id) else {
-            return match store::get_task(tx, id)? {
-                Some(row) => Err(Error::FailedPrecondition(format!(
-                    "task {id} is {}; only pending or leased tasks can be cancelled",
-                    row.state
-                ))),
-                None => Err(Error::NotFound(format!("task {id} does not exist"))),
-            };
-        };
         let error = if reason.is_empty() {
             "cancelled by an operator".to_string()
         } else {
             format!("cancelled by an operator: {reason}")
         };
-        let previous = if task.lease.is_some() {
-            TaskState::Leased
-        } else {
-            TaskState::Pending
+        let (source, scraper, priority, previous) = match self.tasks.get_mut(&id) {
+            Some(task) => {
+                let previous = if task.lease.is_some() {
+                    TaskState::Leased
+                } else {
+                    TaskState::Pending
+                };
+                let found = (task.source.clone(), task.scraper.clone(), task.priority);
+                let attempts = task.attempts;
+                if let Some(lease) = task.lease.take() {
+                    fx.write(Write::EndAttempt {
+                        task: id,
+                        number: attempts,
+                        exit_code: None,
+                        outcome: "cancelled",
+                        error: error.clone(),
+                        at: now,
+                    });
+                    self.revoke_lease(fx, &lease, &error);
+                }
+                (found.0, found.1, found.2, previous)
+            }
+            // A pending task beyond its window lives in the store only.
+            None => match store::get_task(tx, id)? {
+                Some(row) if row.state == TaskState::Pending => (
+                    self.intern(&row.source),
+                    self.intern(&row.scraper),
+                    row.priority,
+                    TaskState::Pending,
+                ),
+                Some(row) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "task {id} is {}; only pending or leased tasks can be cancelled",
+                        row.state
+                    )));
+                }
+                None => return Err(Error::NotFound(format!("task {id} does not exist"))),
+            },
         };
-        let (source, scraper, priority) =
-            (task.source.clone(), task.scraper.clone(), task.priority);
-        let attempts = task.attempts;
-        if let Some(lease) = task.lease.take() {
-            fx.write(Write::EndAttempt {
-                task: id,
-                number: attempts,
-                exit_code: None,
-                outcome: "cancelled",
-                error: error.clone(),
-                at: now,
-            });
-            self.revoke_lease(fx, &lease, &error);
-        }
         fx.write(Write::SetState {
             task: id,
             state: TaskState::Cancelled,
@@ -200,9 +208,15 @@ impl State {
     }
 
     /// Swaps in a reloaded catalog. Limit groups keep counting running
-    /// tasks; agents' eligible scrapers are recomputed; priorities are
-    /// re-applied.
-    pub(super) fn reload(&mut self, fx: &mut Effects, catalog: Arc<Catalog>, now: UnixMs) {
+    /// tasks; agents' eligible scrapers are recomputed; priority rules are
+    /// re-applied to every active task.
+    pub(super) fn reload(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        catalog: Arc<Catalog>,
+        now: UnixMs,
+    ) -> Result<()> {
         self.catalog = catalog.clone();
         self.limits.reload(&catalog.limits, now);
         let labels: Vec<_> = self
@@ -217,7 +231,9 @@ impl State {
             }
         }
         self.cell.set(catalog.clone());
-        let reprioritized = self.reprioritize(fx, now);
+        // The rules changed: a sweep from the start, whole, now.
+        self.sweep = Some(Sweep::new(today(now)));
+        let reprioritized = self.sweep_priorities(tx, fx, now, usize::MAX)?;
         info!(
             sources = catalog.sources.len(),
             scrapers = catalog.scrapers.len(),
@@ -233,46 +249,140 @@ impl State {
             ))
             .row(),
         );
+        Ok(())
     }
 
-    /// Re-applies the sources' priority rules to every active task (rules
-    /// depend on the catalog, which a reload changes, and on today's date);
-    /// queued tasks whose priority changed are re-queued. How many changed.
-    pub(super) fn reprioritize(&mut self, fx: &mut Effects, now: UnixMs) -> u64 {
-        let today = chrono::DateTime::from_timestamp_millis(now)
-            .map_or_else(|| chrono::Utc::now().date_naive(), |t| t.date_naive());
-        let changes: Vec<(TaskId, Priority)> = self
-            .tasks
-            .values()
-            .filter_map(|task| {
-                let source = self.catalog.source(&task.source)?;
-                let (priority, _) = source.priority_rules.base_for(&task.partition, today);
-                (priority != task.priority).then_some((task.id, priority))
-            })
-            .collect();
-        for &(id, priority) in &changes {
-            let Some(task) = self.tasks.get_mut(&id) else {
-                continue;
-            };
-            let state = if task.lease.is_none() {
-                self.queue
-                    .remove(&task.scraper, task.priority, task.ready_at, id);
-                self.queue
-                    .insert(&task.scraper, priority, task.ready_at, id, now);
-                TaskState::Pending
+    /// Re-applies the sources' priority rules to up to `budget` active
+    /// tasks, continuing the sweep in progress; a sweep starts when the day
+    /// changes and some source's rules depend on the date. Returns how many
+    /// tasks changed when the sweep finished within the budget (0 while it
+    /// goes on).
+    pub(super) fn sweep_priorities(
+        &mut self,
+        tx: &Transaction<'_>,
+        fx: &mut Effects,
+        now: UnixMs,
+        budget: usize,
+    ) -> Result<u64> {
+        let day = today(now);
+        if self.sweep.is_none() && self.swept_day != Some(day) {
+            if self
+                .catalog
+                .sources
+                .iter()
+                .any(|s| s.priority_rules.depends_on_date())
+            {
+                self.sweep = Some(Sweep::new(day));
             } else {
-                TaskState::Leased
-            };
-            let (source, scraper, before) =
-                (task.source.clone(), task.scraper.clone(), task.priority);
-            task.priority = priority;
-            self.count(&source, &scraper, Some((state, before)), (state, priority));
-            fx.write(Write::SetPriority {
-                task: id,
-                priority,
-                at: now,
-            });
+                self.swept_day = Some(day);
+            }
         }
-        changes.len() as u64
+        let Some(mut sweep) = self.sweep.take() else {
+            return Ok(0);
+        };
+        let mut left = budget;
+        loop {
+            let chunk = left.min(SWEEP_CHUNK);
+            let rows = store::active_after(tx, sweep.after, chunk)?;
+            left -= rows.len();
+            for row in &rows {
+                sweep.after = row.id;
+                let Some(source) = self.catalog.source(&row.source) else {
+                    continue;
+                };
+                let (priority, _) = source.priority_rules.base_for(&row.partition, sweep.day);
+                if priority != row.priority {
+                    self.reprioritize(fx, row, priority, now);
+                    sweep.changed += 1;
+                }
+            }
+            if rows.len() < chunk {
+                self.swept_day = Some(sweep.day);
+                if sweep.changed > 0 && budget != usize::MAX {
+                    fx.log(
+                        Event::info(format!(
+                            "{} queued tasks changed priority by their source's rules",
+                            sweep.changed
+                        ))
+                        .row(),
+                    );
+                }
+                return Ok(sweep.changed);
+            }
+            if left == 0 {
+                self.sweep = Some(sweep);
+                return Ok(0);
+            }
+        }
     }
+
+    /// Moves the active task `row` (as stored) to base `priority`.
+    fn reprioritize(&mut self, fx: &mut Effects, row: &TaskRow, priority: Priority, now: UnixMs) {
+        let source = self.intern(&row.source);
+        let scraper = self.intern(&row.scraper);
+        let state = if row.lease.is_some() {
+            TaskState::Leased
+        } else {
+            TaskState::Pending
+        };
+        match self.tasks.get_mut(&row.id) {
+            Some(task) if task.lease.is_some() => task.priority = priority,
+            Some(task) => {
+                let (old, ready_at) = (task.priority, task.ready_at);
+                task.priority = priority;
+                self.queue.remove(&scraper, old, ready_at, row.id);
+                self.enqueue(&scraper, priority, ready_at, row.id);
+            }
+            // Pending in the store only: it may belong in its new window.
+            None if state == TaskState::Pending => self.remember(Active::pending(
+                row.id,
+                source.clone(),
+                scraper.clone(),
+                row.partition.clone(),
+                row.expected_keys.clone(),
+                priority,
+                row.attempts,
+                row.ready_at,
+            )),
+            None => {}
+        }
+        self.count(
+            &source,
+            &scraper,
+            Some((state, row.priority)),
+            (state, priority),
+        );
+        fx.write(Write::SetPriority {
+            task: row.id,
+            priority,
+            at: now,
+        });
+    }
+}
+
+/// Rows read at a time by a priority sweep.
+const SWEEP_CHUNK: usize = 1_000;
+
+/// A priority sweep in progress: every active task, by id, against the
+/// rules as of `day`.
+#[derive(Debug, Clone)]
+pub(super) struct Sweep {
+    after: TaskId,
+    day: chrono::NaiveDate,
+    changed: u64,
+}
+
+impl Sweep {
+    fn new(day: chrono::NaiveDate) -> Self {
+        Sweep {
+            after: TaskId(i64::MIN),
+            day,
+            changed: 0,
+        }
+    }
+}
+
+/// The UTC date of `now`.
+fn today(now: UnixMs) -> chrono::NaiveDate {
+    chrono::DateTime::from_timestamp_millis(now).map_or(chrono::NaiveDate::MIN, |t| t.date_naive())
 }

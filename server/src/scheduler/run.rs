@@ -21,7 +21,7 @@ use super::{CatalogCell, QueueReport, SchedulerOptions};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::logs::LogBus;
-use crate::model::{UnixMs, now_ms};
+use crate::model::{TaskState, UnixMs, now_ms};
 use crate::store;
 
 /// How often leases are checked for expiry and delayed tasks promoted.
@@ -30,6 +30,12 @@ const TICK: Duration = Duration::from_millis(200);
 const MAX_BATCH: usize = 2048;
 /// How often old log entries are pruned.
 const LOG_PRUNE_EVERY_MS: i64 = 60_000;
+/// Refill-and-dispatch rounds at the end of one batch, at most (each can
+/// empty every window once).
+const MAX_DISPATCH_ROUNDS: usize = 16;
+/// Active tasks whose priority rules are re-applied per tick while a sweep
+/// runs.
+const SWEEP_PER_TICK: usize = 2_000;
 
 /// Loads the queue from the store and starts the scheduler thread.
 pub fn spawn(
@@ -57,13 +63,22 @@ pub fn spawn(
     Ok((handle, thread))
 }
 
-/// Fills `state` with the store's pending and leased tasks.
+/// Loads what `state` keeps of the store: the counts and the leased tasks;
+/// pending tasks stay in the store until the ready queue's windows load them.
 pub(super) fn load(conn: &Connection, state: &mut State, now: UnixMs) -> Result<()> {
     let counts = store::count_rows(conn)?;
     state.counts = Counts::load(counts, |name| state.intern(name));
-    let rows = store::load_active(conn)?;
-    let (mut pending, mut leased) = (0u64, 0u64);
-    for row in rows {
+    let unloaded: Vec<_> = state
+        .counts
+        .of_state(TaskState::Pending)
+        .map(|((_, priority, _, scraper), _)| (scraper.clone(), *priority))
+        .collect();
+    for (scraper, priority) in unloaded {
+        state.queue.unloaded(&scraper, priority);
+    }
+    let pending = state.counts.total(TaskState::Pending);
+    let mut leased = 0u64;
+    for row in store::load_leased(conn)? {
         let source = state.intern(&row.source);
         let scraper = state.intern(&row.scraper);
         let mut task = Active::pending(
@@ -76,24 +91,23 @@ pub(super) fn load(conn: &Connection, state: &mut State, now: UnixMs) -> Result<
             row.attempts,
             row.ready_at,
         );
-        if let Some((id, agent)) = row.lease {
-            // A restarted server gives every lease a fresh deadline so its
-            // agent has time to reconnect and re-attach it.
-            state.leases.insert(id.clone(), row.id);
-            // Running tasks keep counting against their limit groups.
-            let groups = state.scraper_groups(&scraper);
-            let permit = state.limits.reattach(&groups);
-            state.permits.insert(id.clone(), permit);
-            task.lease = Some(Lease {
-                id,
-                agent,
-                deadline: now + state.lease_ttl_ms(),
-            });
-            leased += 1;
-        } else {
-            pending += 1;
-        }
-        state.remember(task, now);
+        let Some((id, agent)) = row.lease else {
+            continue;
+        };
+        // A restarted server gives every lease a fresh deadline so its
+        // agent has time to reconnect and re-attach it.
+        state.leases.insert(id.clone(), row.id);
+        // Running tasks keep counting against their limit groups.
+        let groups = state.scraper_groups(&scraper);
+        let permit = state.limits.reattach(&groups);
+        state.permits.insert(id.clone(), permit);
+        task.lease = Some(Lease {
+            id,
+            agent,
+            deadline: now + state.lease_ttl_ms(),
+        });
+        leased += 1;
+        state.remember(task);
     }
     info!(pending, leased, "scheduler loaded the queue");
     Ok(())
@@ -132,10 +146,10 @@ fn run(
             fx.apply(&txn)?;
         }
         if Instant::now() >= next_tick {
-            state.tick(&mut fx, now_ms());
+            state.tick(&txn, &mut fx, now_ms())?;
             next_tick = Instant::now() + TICK;
         }
-        state.end_batch(&mut fx, now_ms(), stop.is_none());
+        state.end_batch(&txn, &mut fx, now_ms(), stop.is_none())?;
         fx.apply(&txn)?;
         txn.commit()
             .inspect_err(|e| error!(error = %e, "store commit failed"))?;
@@ -236,12 +250,8 @@ impl State {
                 observed_at,
                 reply,
             } => {
-                let created = self.apply_plan(tx, fx, &tasks, observed_at, now);
+                let created = self.apply_plan(tx, tasks, observed_at, now);
                 answer(fx, reply, created)?;
-            }
-            Command::QueueView { reply } => {
-                let view = self.queue_view(tx);
-                answer(fx, reply, view)?;
             }
             Command::SetDispatch { enabled } => {
                 if self.dispatch_enabled != enabled {
@@ -256,14 +266,14 @@ impl State {
                 self.pruned_at = 0;
             }
             Command::Stats { reply } => {
-                let stats = self.stats();
+                let stats = self.stats(tx, now)?;
                 fx.reply(reply, stats);
             }
             Command::Report { reply } => {
                 let report = QueueReport {
-                    stats: self.stats(),
+                    stats: self.stats(tx, now)?,
                     waiting: self.waiting(now),
-                    oldest_ready: self.queue.oldest_ready(),
+                    oldest_ready: self.queue.oldest_ready(now),
                 };
                 fx.reply(reply, report);
             }
@@ -289,7 +299,7 @@ impl State {
                 answer(fx, reply, result)?;
             }
             Command::Reload { catalog, reply } => {
-                self.reload(fx, catalog, now);
+                self.reload(tx, fx, catalog, now)?;
                 fx.reply(reply, ());
             }
             Command::Limits { reply } => {
@@ -310,21 +320,38 @@ impl State {
         Ok(())
     }
 
-    /// The end of a batch: dispatch (unless the actor is stopping), and the
-    /// counts the batch changed.
-    pub(super) fn end_batch(&mut self, fx: &mut Effects, now: UnixMs, dispatch: bool) {
-        if dispatch {
-            self.dispatch(fx, now);
+    /// The end of a batch: windows that ran low are refilled (after the
+    /// batch's writes are applied, so the store is current) and ready tasks
+    /// dispatched, until no window runs low while dispatching (unless the
+    /// actor is stopping); then the counts the batch changed are written.
+    pub(super) fn end_batch(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        fx: &mut Effects,
+        now: UnixMs,
+        dispatch: bool,
+    ) -> Result<()> {
+        for _ in 0..MAX_DISPATCH_ROUNDS {
+            fx.apply(tx)?;
+            self.refill(tx)?;
+            if !dispatch || !self.dispatch(fx, now) {
+                break;
+            }
         }
         if let Some(counts) = self.counts.flush() {
             fx.write(counts);
         }
+        Ok(())
     }
 
-    /// Periodic work: delayed tasks whose time came, routing notes, log
-    /// pruning, expired leases.
-    pub(super) fn tick(&mut self, fx: &mut Effects, now: UnixMs) {
-        self.queue.promote(now);
+    /// Periodic work: routing notes, log pruning, expired leases, and a
+    /// chunk of the priority sweep (started when the day changes).
+    pub(super) fn tick(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        fx: &mut Effects,
+        now: UnixMs,
+    ) -> Result<()> {
         self.track_unroutable(fx, now);
         if now - self.pruned_at >= LOG_PRUNE_EVERY_MS {
             self.pruned_at = now;
@@ -335,5 +362,8 @@ impl State {
             });
         }
         self.expire_leases(fx, now);
+        fx.apply(tx)?;
+        self.sweep_priorities(tx, fx, now, SWEEP_PER_TICK)?;
+        Ok(())
     }
 }

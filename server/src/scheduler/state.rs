@@ -1,6 +1,8 @@
 //! The scheduler's in-memory state, shared by the decision modules (each adds
-//! its own `impl State` block): active tasks, live leases, connected agents,
-//! the ready queue, limit groups and counters. Only the run loop owns it.
+//! its own `impl State` block): the tasks in memory (every leased task and
+//! the pending ones in the ready queue's windows; the rest of the queue stays
+//! in the store), live leases, connected agents, limit groups and counts.
+//! Only the run loop owns it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use crate::catalog::Catalog;
 use crate::limits::{LimitGroups, Permit};
 use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs};
 
-/// A pending or leased task.
+/// A leased task, or a pending one in the ready queue's window.
 #[derive(Debug)]
 pub(super) struct Active {
     pub id: TaskId,
@@ -88,7 +90,6 @@ pub(super) struct State {
     pub catalog: Arc<Catalog>,
     pub opts: SchedulerOptions,
     pub tasks: HashMap<TaskId, Active>,
-    pub by_partition: HashMap<(Arc<str>, String), TaskId>,
     pub leases: HashMap<LeaseId, TaskId>,
     pub queue: ReadyQueue,
     pub agents: BTreeMap<AgentId, Agent>,
@@ -118,6 +119,10 @@ pub(super) struct State {
     pub rng: Box<dyn RngCore + Send>,
     /// Tasks by state, priority, source and scraper.
     pub counts: Counts,
+    /// The priority sweep in progress, if any.
+    pub sweep: Option<super::operator::Sweep>,
+    /// The day the last priority sweep finished for.
+    pub swept_day: Option<chrono::NaiveDate>,
 }
 
 impl State {
@@ -134,7 +139,6 @@ impl State {
             catalog,
             opts,
             tasks: HashMap::new(),
-            by_partition: HashMap::new(),
             leases: HashMap::new(),
             queue: ReadyQueue::default(),
             agents: BTreeMap::new(),
@@ -152,6 +156,8 @@ impl State {
             stopping: None,
             rng,
             counts: Counts::default(),
+            sweep: None,
+            swept_day: None,
         }
     }
 
@@ -191,36 +197,71 @@ impl State {
         );
     }
 
-    /// Adds an active task to memory: the partition index and, when it is
-    /// not leased, the ready queue.
-    pub fn remember(&mut self, task: Active, now: UnixMs) {
-        self.by_partition
-            .insert((task.source.clone(), task.partition.key()), task.id);
-        if task.lease.is_none() {
-            self.queue
-                .insert(&task.scraper, task.priority, task.ready_at, task.id, now);
+    /// Takes an active task into account: a leased one is kept in memory; a
+    /// pending one is queued, and kept in memory only when it lands in its
+    /// window.
+    pub fn remember(&mut self, task: Active) {
+        if task.lease.is_some() {
+            self.tasks.insert(task.id, task);
+            return;
         }
-        self.tasks.insert(task.id, task);
+        let (scraper, priority, ready_at, id) =
+            (task.scraper.clone(), task.priority, task.ready_at, task.id);
+        self.tasks.insert(id, task);
+        self.enqueue(&scraper, priority, ready_at, id);
     }
 
-    /// Drops a task that left the active states from memory.
+    /// Queues the pending task `id` (in memory); it stays in memory only when
+    /// it lands in its window, and tasks its window evicts leave memory.
+    pub fn enqueue(
+        &mut self,
+        scraper: &Arc<str>,
+        priority: Priority,
+        ready_at: UnixMs,
+        id: TaskId,
+    ) {
+        let placed = self.queue.insert(scraper, priority, ready_at, id);
+        if !placed.kept {
+            self.tasks.remove(&id);
+        }
+        for evicted in placed.evicted {
+            self.tasks.remove(&evicted);
+        }
+    }
+
+    /// Drops a task that left the pending state from memory and the queue.
     pub fn forget(&mut self, id: TaskId) {
         if let Some(task) = self.tasks.remove(&id) {
             self.queue
                 .remove(&task.scraper, task.priority, task.ready_at, id);
-            self.by_partition
-                .remove(&(task.source.clone(), task.partition.key()));
         }
     }
 
-    pub fn stats(&self) -> QueueStats {
-        QueueStats {
-            ready: self.queue.ready_len() as u64,
-            delayed: self.queue.delayed_len() as u64,
+    /// Queue numbers at `now`: pending and leased from the counts; pending
+    /// tasks not ready yet from the store's index, per sub-queue.
+    pub fn stats(
+        &self,
+        conn: &rusqlite::Connection,
+        now: UnixMs,
+    ) -> crate::error::Result<QueueStats> {
+        let mut pending: HashMap<(Arc<str>, Priority), u64> = HashMap::new();
+        for ((_, priority, _, scraper), n) in self.counts.of_state(TaskState::Pending) {
+            *pending.entry((scraper.clone(), *priority)).or_default() += n;
+        }
+        let mut delayed = 0;
+        for ((scraper, priority), n) in &pending {
+            if *n > 0 {
+                delayed += crate::store::delayed_count(conn, scraper, *priority, now)?;
+            }
+        }
+        let pending: u64 = pending.values().sum();
+        Ok(QueueStats {
+            ready: pending.saturating_sub(delayed),
+            delayed,
             leased: self.leases.len() as u64,
             dispatching: self.dispatch_enabled,
             done_total: self.done_total,
             failed_total: self.failed_total,
-        }
+        })
     }
 }
