@@ -64,9 +64,56 @@ pub enum QueueEntry {
     },
 }
 
-/// Queue entries by `(source name, partition key)`. Partitions absent here
+/// Queue entries by (source name, partition key). Partitions absent here
 /// have no task, or a done one.
-pub type QueueView = HashMap<(String, String), QueueEntry>;
+///
+/// Kept compact for queues of millions of tasks: each entry is a 64-bit
+/// keyed hash of the pair (SipHash with keys drawn per view, so no input can
+/// be crafted to collide) and the entry, about 24 bytes; no strings are
+/// held. Two pairs sharing a hash (odds near 1 in 10^7 for a million-task
+/// view against a million-partition catalog) only make one gap wait for the
+/// next reconcile.
+#[derive(Debug, Clone, Default)]
+pub struct QueueView {
+    keys: std::collections::hash_map::RandomState,
+    entries: HashMap<u64, QueueEntry>,
+}
+
+impl QueueView {
+    /// An empty view.
+    pub fn new() -> Self {
+        QueueView::default()
+    }
+
+    fn hash(&self, source: &str, partition_key: &str) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut hasher = self.keys.build_hasher();
+        source.hash(&mut hasher);
+        partition_key.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Records what the queue holds for `source`'s partition `partition_key`.
+    pub fn insert(&mut self, source: &str, partition_key: &str, entry: QueueEntry) {
+        let hash = self.hash(source, partition_key);
+        self.entries.insert(hash, entry);
+    }
+
+    /// What the queue holds for `source`'s partition `partition_key`.
+    pub fn get(&self, source: &str, partition_key: &str) -> Option<&QueueEntry> {
+        self.entries.get(&self.hash(source, partition_key))
+    }
+
+    /// How many partitions it holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
 
 /// Object counts for a set of expected objects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -284,7 +331,7 @@ impl<'a> Planner<'a> {
             }
         }
         let Some(reason) = reason else { return };
-        let needs_task = match self.queue.get(&(src.name.clone(), partition.key())) {
+        let needs_task = match self.queue.get(&src.name, &partition.key()) {
             None => true,
             Some(QueueEntry::Active | QueueEntry::Dead | QueueEntry::Cancelled) => false,
             Some(QueueEntry::Unavailable { recheck_at }) => *recheck_at <= self.now,
@@ -452,16 +499,10 @@ mod tests {
             expected(0, 5, 1),
         ];
         let mut queue = QueueView::new();
-        queue.insert(("a".into(), "id=1".into()), QueueEntry::Active);
-        queue.insert(("a".into(), "id=2".into()), QueueEntry::Dead);
-        queue.insert(
-            ("a".into(), "id=3".into()),
-            QueueEntry::Unavailable { recheck_at: 100 },
-        );
-        queue.insert(
-            ("a".into(), "id=4".into()),
-            QueueEntry::Unavailable { recheck_at: 10 },
-        );
+        queue.insert("a", "id=1", QueueEntry::Active);
+        queue.insert("a", "id=2", QueueEntry::Dead);
+        queue.insert("a", "id=3", QueueEntry::Unavailable { recheck_at: 100 });
+        queue.insert("a", "id=4", QueueEntry::Unavailable { recheck_at: 10 });
         let plan = plan(&sources(), &exp, &Observed::default(), &queue, 50);
         let needs: Vec<_> = plan.gaps.iter().map(|g| g.needs_task).collect();
         assert_eq!(needs, [false, false, false, true, true]);
@@ -502,7 +543,7 @@ mod tests {
                     2 => QueueEntry::Cancelled,
                     _ => QueueEntry::Unavailable { recheck_at: i64::from(id) },
                 };
-                queue.insert(("a".into(), format!("id={id}")), entry);
+                queue.insert("a", &format!("id={id}"), entry);
             }
             let now = 25;
             let first = plan(&sources, &exp, &observed, &queue, now);
@@ -510,9 +551,9 @@ mod tests {
                 prop_assert_eq!(c.expected, c.present + c.missing + c.too_small + c.stale);
             }
             for gap in first.upserts() {
-                let key = (sources[gap.source].name.clone(), gap.partition.key());
-                prop_assert!(!matches!(queue.get(&key), Some(QueueEntry::Active | QueueEntry::Dead | QueueEntry::Cancelled)));
-                queue.insert(key, QueueEntry::Active);
+                let (source, key) = (&sources[gap.source].name, gap.partition.key());
+                prop_assert!(!matches!(queue.get(source, &key), Some(QueueEntry::Active | QueueEntry::Dead | QueueEntry::Cancelled)));
+                queue.insert(source, &key, QueueEntry::Active);
             }
             let second = plan(&sources, &exp, &observed, &queue, now);
             prop_assert_eq!(second.upserts().count(), 0);

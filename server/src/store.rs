@@ -432,7 +432,8 @@ pub fn queue_view(conn: &Connection) -> Result<crate::reconcile::QueueView> {
             },
             Some(TaskState::Done) | None => continue,
         };
-        view.insert((row.get(0)?, row.get(1)?), entry);
+        let (source, key): (String, String) = (row.get(0)?, row.get(1)?);
+        view.insert(&source, &key, entry);
     }
     Ok(view)
 }
@@ -500,35 +501,58 @@ pub fn upsert_task(
     observed_at: UnixMs,
 ) -> Result<Option<(TaskId, Option<Reopened>)>> {
     let partition_key = task.partition.key();
-    let before = task_of_partition(tx, task.source, &partition_key)?;
-    if before.as_ref().is_some_and(|b| b.state.is_active()) {
-        return Ok(None);
-    }
     let keys = serde_json::to_string(task.expected_keys)
         .map_err(|e| Error::Internal(format!("cannot encode keys: {e}")))?;
-    let id = tx
+    let partition_json = partition_to_json(task.partition);
+    // A new partition (the common case, and every one of a first reconcile)
+    // costs one statement.
+    let inserted: Option<i64> = tx
         .prepare_cached(
             "INSERT INTO tasks (source, partition_key, partition_json, scraper, state, priority, \
                  reason, attempts, ready_at, last_error, expected_keys, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, 0, ?7, '', ?8, ?7, ?7) \
-             ON CONFLICT (source, partition_key) DO UPDATE SET \
-                 state = 'pending', priority = excluded.priority, reason = excluded.reason, \
-                 scraper = excluded.scraper, attempts = 0, ready_at = excluded.ready_at, \
-                 lease_id = NULL, agent_id = NULL, last_error = '', \
-                 expected_keys = excluded.expected_keys, updated_at = excluded.updated_at, \
-                 finished_at = NULL \
-             WHERE (tasks.state = 'done' AND tasks.finished_at < ?9) \
-                OR (tasks.state = 'unavailable' AND tasks.ready_at <= ?7) \
+             ON CONFLICT (source, partition_key) DO NOTHING RETURNING id",
+        )?
+        .query_row(
+            params![
+                task.source,
+                partition_key,
+                partition_json,
+                task.scraper,
+                task.priority.as_i64(),
+                task.reason.as_str(),
+                now,
+                keys,
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(id) = inserted {
+        return Ok(Some((TaskId(id), None)));
+    }
+    let Some(before) = task_of_partition(tx, task.source, &partition_key)? else {
+        return Ok(None);
+    };
+    if before.state.is_active() {
+        return Ok(None);
+    }
+    let id = tx
+        .prepare_cached(
+            "UPDATE tasks SET state = 'pending', priority = ?3, reason = ?4, scraper = ?5, \
+                 attempts = 0, ready_at = ?6, lease_id = NULL, agent_id = NULL, \
+                 last_error = '', expected_keys = ?7, updated_at = ?6, finished_at = NULL \
+             WHERE source = ?1 AND partition_key = ?2 \
+               AND ((state = 'done' AND finished_at < ?8) \
+                 OR (state = 'unavailable' AND ready_at <= ?6)) \
              RETURNING id",
         )?
         .query_row(
             params![
                 task.source,
                 partition_key,
-                partition_to_json(task.partition),
-                task.scraper,
                 task.priority.as_i64(),
                 task.reason.as_str(),
+                task.scraper,
                 now,
                 keys,
                 observed_at,
@@ -536,7 +560,7 @@ pub fn upsert_task(
             |row| row.get(0),
         )
         .optional()?;
-    Ok(id.map(|id| (TaskId(id), before)))
+    Ok(id.map(|id| (TaskId(id), Some(before))))
 }
 
 /// Records a new lease and its attempt row.
