@@ -712,14 +712,15 @@ impl ProbeBatch {
 /// The task a gap of `catalog` needs, with its priority as of `today`.
 fn planned_task(catalog: &Catalog, gap: Gap, today: NaiveDate) -> PlannedTask {
     let source = &catalog.sources[gap.source];
-    PlannedTask {
-        source: source.name.clone(),
-        scraper: source.scraper.clone(),
-        priority: source.priority_rules.base_for(&gap.partition, today).0,
-        partition: gap.partition,
-        reason: gap.reason,
-        keys: gap.keys,
-    }
+    let priority = source.priority_rules.base_for(&gap.partition, today).0;
+    PlannedTask::new(
+        source.name.clone(),
+        source.scraper.clone(),
+        gap.partition,
+        priority,
+        gap.reason,
+        gap.keys,
+    )
 }
 
 /// Lists `prefixes` in parallel into `index`; returns how many objects were listed.

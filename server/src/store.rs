@@ -16,6 +16,11 @@ use crate::model::{
 /// The store's file name inside `state_dir`.
 pub const DB_FILE: &str = "adce.db";
 
+/// The write connection's page cache, in KiB.
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+/// WAL pages between automatic checkpoints (4 KiB each).
+const WRITER_CHECKPOINT_PAGES: i64 = 8192;
+
 /// How many idle read connections are kept.
 const READ_POOL_SIZE: usize = 4;
 
@@ -165,6 +170,11 @@ pub fn open_writer(state_dir: &Path) -> Result<Connection> {
     // NORMAL in WAL mode survives a process crash (SIGKILL); only an OS crash
     // or power loss can lose the last transactions.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // The writer's page cache holds the hot parts of the task indexes (a
+    // million-task queue's inserts otherwise re-read index pages), and
+    // checkpoints (each an fsync) run every WRITER_CHECKPOINT_PAGES pages.
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
     configure(&conn)?;
     migrate(&mut conn, &path)?;
     Ok(conn)
@@ -438,21 +448,42 @@ pub fn queue_view(conn: &Connection) -> Result<crate::reconcile::QueueView> {
     Ok(view)
 }
 
+/// A task's partition and keys as stored, encoded once: by the planner's
+/// thread, so the single writer only writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// The partition's key (`var=value,...`).
+    pub partition_key: String,
+    /// The partition as stored.
+    pub partition_json: String,
+    /// The expected keys as stored.
+    pub keys_json: String,
+}
+
+impl Encoded {
+    /// The stored form of `partition` and `keys`.
+    pub fn new(partition: &Partition, keys: &[String]) -> Self {
+        Encoded {
+            partition_key: partition.key(),
+            partition_json: partition_to_json(partition),
+            keys_json: serde_json::to_string(keys).unwrap_or_else(|_| "[]".into()),
+        }
+    }
+}
+
 /// A task the plan wants to exist.
 #[derive(Debug, Clone)]
 pub struct NewTask<'a> {
     /// Its source.
     pub source: &'a str,
-    /// Its partition.
-    pub partition: &'a Partition,
     /// Its scraper.
     pub scraper: &'a str,
     /// Its priority.
     pub priority: Priority,
     /// Why.
     pub reason: GapReason,
-    /// Keys it must produce.
-    pub expected_keys: &'a [String],
+    /// Its partition and expected keys, encoded.
+    pub encoded: &'a Encoded,
 }
 
 /// Where an existing task was before a plan reopened it.
@@ -500,37 +531,35 @@ pub fn upsert_task(
     now: UnixMs,
     observed_at: UnixMs,
 ) -> Result<Option<(TaskId, Option<Reopened>)>> {
-    let partition_key = task.partition.key();
-    let keys = serde_json::to_string(task.expected_keys)
-        .map_err(|e| Error::Internal(format!("cannot encode keys: {e}")))?;
-    let partition_json = partition_to_json(task.partition);
+    let Encoded {
+        partition_key,
+        partition_json,
+        keys_json: keys,
+    } = task.encoded;
     // A new partition (the common case, and every one of a first reconcile)
-    // costs one statement.
-    let inserted: Option<i64> = tx
-        .prepare_cached(
-            "INSERT INTO tasks (source, partition_key, partition_json, scraper, state, priority, \
-                 reason, attempts, ready_at, last_error, expected_keys, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, 0, ?7, '', ?8, ?7, ?7) \
-             ON CONFLICT (source, partition_key) DO NOTHING RETURNING id",
-        )?
-        .query_row(
-            params![
-                task.source,
-                partition_key,
-                partition_json,
-                task.scraper,
-                task.priority.as_i64(),
-                task.reason.as_str(),
-                now,
-                keys,
-            ],
-            |row| row.get(0),
-        )
-        .optional()?;
-    if let Some(id) = inserted {
-        return Ok(Some((TaskId(id), None)));
+    // costs one statement. (No RETURNING: SQLite gathers returned rows in a
+    // temporary table per execution, which costs more than the insert.)
+    let inserted = exec(
+        tx,
+        "INSERT INTO tasks (source, partition_key, partition_json, scraper, state, priority, \
+             reason, attempts, ready_at, last_error, expected_keys, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, 0, ?7, '', ?8, ?7, ?7) \
+         ON CONFLICT (source, partition_key) DO NOTHING",
+        params![
+            task.source,
+            partition_key,
+            partition_json,
+            task.scraper,
+            task.priority.as_i64(),
+            task.reason.as_str(),
+            now,
+            keys,
+        ],
+    )?;
+    if inserted == 1 {
+        return Ok(Some((TaskId(tx.last_insert_rowid()), None)));
     }
-    let Some(before) = task_of_partition(tx, task.source, &partition_key)? else {
+    let Some(before) = task_of_partition(tx, task.source, partition_key)? else {
         return Ok(None);
     };
     if before.state.is_active() {
@@ -1175,13 +1204,13 @@ mod tests {
         let mut conn = open_writer(dir.path()).unwrap();
         let p = partition("1");
         let keys = vec!["k/1".to_string()];
+        let encoded = Encoded::new(&p, &keys);
         let task = NewTask {
             source: "s",
-            partition: &p,
             scraper: "sc",
             priority: Priority::High,
             reason: GapReason::Missing,
-            expected_keys: &keys,
+            encoded: &encoded,
         };
         let tx = conn.transaction().unwrap();
         let (id, before) = upsert_task(&tx, &task, 100, 100).unwrap().unwrap();

@@ -741,15 +741,17 @@ sources:
         tokio::spawn(serve);
         let tasks = items
             .iter()
-            .map(|item| PlannedTask {
-                source: "a".into(),
-                scraper: "s".into(),
-                partition: Partition {
-                    vars: vec![("item".into(), Value::Str(item.to_string()))],
-                },
-                priority: Priority::Medium,
-                reason: GapReason::Missing,
-                keys: vec![format!("a/{item}.json")],
+            .map(|item| {
+                PlannedTask::new(
+                    "a",
+                    "s",
+                    Partition {
+                        vars: vec![("item".into(), Value::Str(item.to_string()))],
+                    },
+                    Priority::Medium,
+                    GapReason::Missing,
+                    vec![format!("a/{item}.json")],
+                )
             })
             .collect();
         sched.apply_plan(tasks, 0).await.unwrap();
@@ -1041,16 +1043,16 @@ sources:
         }
         // Work planned after the notice stays queued: the batch that queues
         // it would have assigned it before replying.
-        let planned = PlannedTask {
-            source: "a".into(),
-            scraper: "s".into(),
-            partition: Partition {
+        let planned = PlannedTask::new(
+            "a",
+            "s",
+            Partition {
                 vars: vec![("item".into(), Value::Str("1".into()))],
             },
-            priority: Priority::Medium,
-            reason: GapReason::Missing,
-            keys: vec!["a/1.json".into()],
-        };
+            Priority::Medium,
+            GapReason::Missing,
+            vec!["a/1.json".into()],
+        );
         let created = bench.sched.apply_plan(vec![planned], 0).await.unwrap();
         assert_eq!(created, 1);
         let stats = bench.sched.stats().await.unwrap();

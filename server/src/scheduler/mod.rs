@@ -230,6 +230,31 @@ pub struct PlannedTask {
     pub reason: GapReason,
     /// Keys it must produce.
     pub keys: Vec<String>,
+    /// Its partition and keys as stored, encoded by whoever plans it.
+    pub encoded: crate::store::Encoded,
+}
+
+impl PlannedTask {
+    /// The task of `source`'s `partition` (run by `scraper`), which must
+    /// produce `keys`, encoded for the store here.
+    pub fn new(
+        source: impl Into<String>,
+        scraper: impl Into<String>,
+        partition: Partition,
+        priority: Priority,
+        reason: GapReason,
+        keys: Vec<String>,
+    ) -> Self {
+        PlannedTask {
+            encoded: crate::store::Encoded::new(&partition, &keys),
+            source: source.into(),
+            scraper: scraper.into(),
+            partition,
+            priority,
+            reason,
+            keys,
+        }
+    }
 }
 
 /// Queue numbers the loop and status need.

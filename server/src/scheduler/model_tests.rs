@@ -436,16 +436,16 @@ impl Harness {
                     .map(|_| {
                         let item = self.next_item.to_string();
                         self.next_item += 1;
-                        PlannedTask {
-                            source: source.into(),
-                            scraper: scraper.into(),
-                            partition: Partition {
+                        PlannedTask::new(
+                            source,
+                            scraper,
+                            Partition {
                                 vars: vec![("item".into(), Value::Str(item.clone()))],
                             },
-                            priority: Priority::Medium,
-                            reason: GapReason::Missing,
-                            keys: vec![format!("{source}/{item}.json")],
-                        }
+                            Priority::Medium,
+                            GapReason::Missing,
+                            vec![format!("{source}/{item}.json")],
+                        )
                     })
                     .collect();
                 let created = self.call(|reply| Command::ApplyPlan {
@@ -711,16 +711,16 @@ fn the_queue_order_after_a_restart_equals_the_order_before() {
         let tasks: Vec<PlannedTask> = (planned..planned + CHUNK)
             .map(|i| {
                 let (source, scraper) = if i % 3 == 0 { ("b", "t") } else { ("a", "s") };
-                PlannedTask {
-                    source: source.into(),
-                    scraper: scraper.into(),
-                    partition: Partition {
+                PlannedTask::new(
+                    source,
+                    scraper,
+                    Partition {
                         vars: vec![("item".into(), Value::Str(i.to_string()))],
                     },
-                    priority: Priority::ALL[(i.wrapping_mul(2_654_435_761) % 4) as usize],
-                    reason: GapReason::Missing,
-                    keys: vec![format!("{source}/{i}.json")],
-                }
+                    Priority::ALL[(i.wrapping_mul(2_654_435_761) % 4) as usize],
+                    GapReason::Missing,
+                    vec![format!("{source}/{i}.json")],
+                )
             })
             .collect();
         // Each chunk is planned an hour after the last, so aging reorders.

@@ -25,11 +25,10 @@ impl State {
             let source = self.intern(&planned.source);
             let new = NewTask {
                 source: &planned.source,
-                partition: &planned.partition,
                 scraper: &planned.scraper,
                 priority: planned.priority,
                 reason: planned.reason,
-                expected_keys: &planned.keys,
+                encoded: &planned.encoded,
             };
             let Some((id, before)) = store::upsert_task(tx, &new, now, observed_at)? else {
                 continue;
