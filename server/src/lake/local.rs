@@ -11,6 +11,7 @@
 use std::fs::DirEntry;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -49,7 +50,13 @@ pub struct LocalLake {
     root: PathBuf,
     /// Temp files whose last write is older than this are removed by listings.
     stale_temp_after: Duration,
+    /// Bounds the file creations and renames in flight: hundreds at once in
+    /// one directory only spin on its lock in the kernel.
+    fs_ops: Arc<tokio::sync::Semaphore>,
 }
+
+/// File creations and renames in flight at once, per lake.
+const FS_OPS_IN_FLIGHT: usize = 8;
 
 impl LocalLake {
     /// A lake at `root`, created if missing, for uploads that stream for at
@@ -64,6 +71,7 @@ impl LocalLake {
         Ok(LocalLake {
             root,
             stale_temp_after: stale_temp_age(DEFAULT_MAX_UPLOAD_TIME),
+            fs_ops: Arc::new(tokio::sync::Semaphore::new(FS_OPS_IN_FLIGHT)),
         })
     }
 
@@ -280,9 +288,6 @@ impl Lake for LocalLake {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.root.clone());
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(io_err("create directory for", key))?;
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -291,18 +296,28 @@ impl Lake for LocalLake {
             "{TEMP_PREFIX}{:016x}.{file_name}",
             rand::random::<u64>()
         ));
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .await
-            .map_err(io_err("create", key))?;
+        let _permit = self.fs_ops.acquire().await;
+        // One trip to the blocking pool for the directory and the file.
+        let file = tokio::task::spawn_blocking({
+            let (dir, temp, key) = (dir, temp.clone(), key.to_string());
+            move || {
+                std::fs::create_dir_all(&dir).map_err(io_err("create directory for", &key))?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&temp)
+                    .map_err(io_err("create", &key))
+            }
+        })
+        .await
+        .map_err(|e| io_err("create", key)(std::io::Error::other(e)))??;
         Ok(Box::new(LocalWriter {
             key: key.to_string(),
             target: path,
             temp,
-            file: Some(file),
+            file: Some(tokio::fs::File::from_std(file)),
             size: 0,
+            fs_ops: self.fs_ops.clone(),
         }))
     }
 
@@ -408,6 +423,7 @@ struct LocalWriter {
     temp: PathBuf,
     file: Option<tokio::fs::File>,
     size: u64,
+    fs_ops: Arc<tokio::sync::Semaphore>,
 }
 
 #[async_trait]
@@ -433,19 +449,26 @@ impl ObjectWriter for LocalWriter {
         };
         let result = async {
             file.flush().await.map_err(io_err("flush", &self.key))?;
-            file.sync_all().await.map_err(io_err("fsync", &self.key))?;
-            drop(file);
-            tokio::fs::rename(&self.temp, &self.target)
+            let file = file.into_std().await;
+            let key = self.key.clone();
+            // Many fsyncs at once are cheaper than one after another (the
+            // file system commits them together); directory changes are not.
+            tokio::task::spawn_blocking(move || file.sync_all().map_err(io_err("fsync", &key)))
                 .await
-                .map_err(io_err("rename", &self.key))?;
-            let meta = tokio::fs::metadata(&self.target)
-                .await
-                .map_err(io_err("stat", &self.key))?;
-            Ok(ObjectMeta {
-                key: self.key.clone(),
-                size: meta.len(),
-                modified_ms: modified_ms(&meta),
+                .map_err(|e| io_err("fsync", &self.key)(std::io::Error::other(e)))??;
+            let _permit = self.fs_ops.acquire().await;
+            let (temp, target, key) = (self.temp.clone(), self.target.clone(), self.key.clone());
+            tokio::task::spawn_blocking(move || {
+                std::fs::rename(&temp, &target).map_err(io_err("rename", &key))?;
+                let meta = std::fs::metadata(&target).map_err(io_err("stat", &key))?;
+                Ok(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                    modified_ms: modified_ms(&meta),
+                })
             })
+            .await
+            .map_err(|e| io_err("commit", &self.key)(std::io::Error::other(e)))?
         }
         .await;
         if result.is_err() {
