@@ -268,6 +268,12 @@ impl State {
             error,
             at: now,
         });
+        self.count_lease_end(id, state);
+        self.forget(id);
+    }
+
+    /// Counts task `id`, whose lease ended, moving from leased to `to`.
+    fn count_lease_end(&mut self, id: TaskId, to: TaskState) {
         if let Some(task) = self.tasks.get(&id) {
             let (source, scraper, priority) =
                 (task.source.clone(), task.scraper.clone(), task.priority);
@@ -275,10 +281,9 @@ impl State {
                 &source,
                 &scraper,
                 Some((TaskState::Leased, priority)),
-                (state, priority),
+                (to, priority),
             );
         }
-        self.forget(id);
     }
 
     /// Puts a task whose lease ended back in the queue, ready at `ready_at`
@@ -309,14 +314,8 @@ impl State {
             error,
             at: now,
         });
-        let (source, scraper, priority) =
-            (task.source.clone(), task.scraper.clone(), task.priority);
-        self.count(
-            &source,
-            &scraper,
-            Some((TaskState::Leased, priority)),
-            (TaskState::Pending, priority),
-        );
+        let (scraper, priority) = (task.scraper.clone(), task.priority);
+        self.count_lease_end(id, TaskState::Pending);
         self.enqueue(&scraper, priority, ready_at, id);
     }
 
