@@ -18,8 +18,6 @@ pub const DB_FILE: &str = "adce.db";
 
 /// The write connection's page cache, in KiB.
 const WRITER_CACHE_KIB: i64 = 32 * 1024;
-/// WAL pages between automatic checkpoints (4 KiB each).
-const WRITER_CHECKPOINT_PAGES: i64 = 8192;
 
 /// How many idle read connections are kept.
 const READ_POOL_SIZE: usize = 4;
@@ -171,10 +169,10 @@ pub fn open_writer(state_dir: &Path) -> Result<Connection> {
     // or power loss can lose the last transactions.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     // The writer's page cache holds the hot parts of the task indexes (a
-    // million-task queue's inserts otherwise re-read index pages), and
-    // checkpoints (each an fsync) run every WRITER_CHECKPOINT_PAGES pages.
+    // million-task queue's inserts otherwise re-read index pages).
+    // Checkpoints keep SQLite's default size: a larger one stalls the
+    // writer (and every reply behind it) for its whole fsync.
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
     configure(&conn)?;
     migrate(&mut conn, &path)?;
     Ok(conn)

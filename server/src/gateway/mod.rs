@@ -261,14 +261,18 @@ async fn check_objects(lake: &SharedLake, keys: &[String], min_bytes: u64) -> Ob
 /// Judges a result: looks up the lease, checks the lake, hands it to the scheduler.
 async fn complete(scheduler: Handle, lake: SharedLake, agent: AgentId, result: TaskResult) {
     let lease = result.lease.clone();
-    let info = scheduler
-        .lease_info(lease.clone(), Some(agent.clone()))
-        .await;
-    let check = match &info {
-        Ok(info) if result.outcome.claims_success() => {
-            check_objects(&lake, &info.expected_keys, info.min_bytes).await
+    // Only a clean exit is checked against the lake (and needs the lease's
+    // keys); the scheduler checks the lease itself either way.
+    let check = if result.outcome.claims_success() {
+        match scheduler
+            .lease_info(lease.clone(), Some(agent.clone()))
+            .await
+        {
+            Ok(info) => check_objects(&lake, &info.expected_keys, info.min_bytes).await,
+            Err(_) => ObjectCheck::default(),
         }
-        _ => ObjectCheck::default(),
+    } else {
+        ObjectCheck::default()
     };
     // The scheduler re-checks the lease and logs a refused result itself.
     if let Err(e) = scheduler.complete(agent.clone(), result, check).await {
