@@ -163,10 +163,12 @@ impl State {
 
     /// The one shared copy of a source or scraper name.
     pub fn intern(&mut self, name: &str) -> Arc<str> {
-        self.names
-            .entry(name.to_string())
-            .or_insert_with(|| Arc::from(name))
-            .clone()
+        if let Some(interned) = self.names.get(name) {
+            return interned.clone();
+        }
+        let interned: Arc<str> = Arc::from(name);
+        self.names.insert(name.to_string(), interned.clone());
+        interned
     }
 
     /// The limit groups a scraper belongs to.
