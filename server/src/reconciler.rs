@@ -716,10 +716,10 @@ fn planned_task(catalog: &Catalog, gap: Gap, today: NaiveDate) -> PlannedTask {
     PlannedTask::new(
         source.name.clone(),
         source.scraper.clone(),
-        gap.partition,
+        &gap.partition,
         priority,
         gap.reason,
-        gap.keys,
+        &gap.keys,
     )
 }
 

@@ -749,12 +749,12 @@ sources:
                 PlannedTask::new(
                     "a",
                     "s",
-                    Partition {
+                    &Partition {
                         vars: vec![("item".into(), Value::Str(item.to_string()))],
                     },
                     Priority::Medium,
                     GapReason::Missing,
-                    vec![format!("a/{item}.json")],
+                    &[format!("a/{item}.json")],
                 )
             })
             .collect();
@@ -1050,12 +1050,12 @@ sources:
         let planned = PlannedTask::new(
             "a",
             "s",
-            Partition {
+            &Partition {
                 vars: vec![("item".into(), Value::Str("1".into()))],
             },
             Priority::Medium,
             GapReason::Missing,
-            vec!["a/1.json".into()],
+            &["a/1.json".into()],
         );
         let created = bench.sched.apply_plan(vec![planned], 0).await.unwrap();
         assert_eq!(created, 1);

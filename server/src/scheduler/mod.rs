@@ -215,44 +215,40 @@ pub struct LeaseInfo {
     pub min_bytes: u64,
 }
 
-/// A task the reconciler wants to exist.
+/// A task the reconciler wants to exist. Its partition and keys travel in
+/// their stored form only: encoded by whoever plans it (on its own thread),
+/// and decoded by the scheduler only for the few tasks it keeps in memory.
 #[derive(Debug, Clone)]
 pub struct PlannedTask {
     /// Its source.
     pub source: String,
     /// Its scraper.
     pub scraper: String,
-    /// Its partition.
-    pub partition: Partition,
     /// Its priority.
     pub priority: Priority,
     /// Why.
     pub reason: GapReason,
-    /// Keys it must produce.
-    pub keys: Vec<String>,
-    /// Its partition and keys as stored, encoded by whoever plans it.
+    /// Its partition and the keys it must produce, as stored.
     pub encoded: crate::store::Encoded,
 }
 
 impl PlannedTask {
     /// The task of `source`'s `partition` (run by `scraper`), which must
-    /// produce `keys`, encoded for the store here.
+    /// produce `keys`.
     pub fn new(
         source: impl Into<String>,
         scraper: impl Into<String>,
-        partition: Partition,
+        partition: &Partition,
         priority: Priority,
         reason: GapReason,
-        keys: Vec<String>,
+        keys: &[String],
     ) -> Self {
         PlannedTask {
-            encoded: crate::store::Encoded::new(&partition, &keys),
+            encoded: crate::store::Encoded::new(partition, keys),
             source: source.into(),
             scraper: scraper.into(),
-            partition,
             priority,
             reason,
-            keys,
         }
     }
 }

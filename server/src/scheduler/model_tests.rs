@@ -439,12 +439,12 @@ impl Harness {
                         PlannedTask::new(
                             source,
                             scraper,
-                            Partition {
+                            &Partition {
                                 vars: vec![("item".into(), Value::Str(item.clone()))],
                             },
                             Priority::Medium,
                             GapReason::Missing,
-                            vec![format!("{source}/{item}.json")],
+                            &[format!("{source}/{item}.json")],
                         )
                     })
                     .collect();
@@ -714,12 +714,12 @@ fn the_queue_order_after_a_restart_equals_the_order_before() {
                 PlannedTask::new(
                     source,
                     scraper,
-                    Partition {
+                    &Partition {
                         vars: vec![("item".into(), Value::Str(i.to_string()))],
                     },
                     Priority::ALL[(i.wrapping_mul(2_654_435_761) % 4) as usize],
                     GapReason::Missing,
-                    vec![format!("{source}/{i}.json")],
+                    &[format!("{source}/{i}.json")],
                 )
             })
             .collect();

@@ -6,7 +6,7 @@ use rusqlite::Transaction;
 
 use super::PlannedTask;
 use super::state::{Active, State};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{TaskState, UnixMs};
 use crate::store::{self, NewTask};
 
@@ -54,16 +54,23 @@ impl State {
                     (TaskState::Pending, planned.priority),
                 ),
             }
-            self.remember(Active::pending(
-                id,
-                source,
-                scraper,
-                planned.partition,
-                planned.keys,
-                planned.priority,
-                0,
-                now,
-            ));
+            // Decoded only when it lands in its window's memory.
+            let encoded = &planned.encoded;
+            self.enqueue_with(&scraper, planned.priority, now, id, || {
+                let partition = store::partition_from_json(&encoded.partition_json)?;
+                let keys = serde_json::from_str(&encoded.keys_json)
+                    .map_err(|e| Error::Internal(format!("corrupt keys of task {id}: {e}")))?;
+                Ok(Active::pending(
+                    id,
+                    source.clone(),
+                    scraper.clone(),
+                    partition,
+                    keys,
+                    planned.priority,
+                    0,
+                    now,
+                ))
+            });
             created += 1;
         }
         Ok(created)

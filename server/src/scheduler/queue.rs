@@ -217,6 +217,26 @@ impl ReadyQueue {
         removed
     }
 
+    /// Shortens a window to the tasks before `key`: the rest go back to the
+    /// store (their ids are returned) and the window is refilled from there.
+    pub fn truncate_from(
+        &mut self,
+        scraper: &Arc<str>,
+        priority: Priority,
+        key: Key,
+    ) -> Vec<TaskId> {
+        let level = self.level_mut(scraper, priority);
+        let evicted: Vec<TaskId> = level
+            .window
+            .split_off(&key)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        level.frontier = Frontier::After(level.window.last().copied());
+        self.in_memory -= evicted.len();
+        evicted
+    }
+
     /// The sub-queues whose window is low and whose store has more.
     pub fn refills(&self) -> Vec<Refill> {
         let mut out = Vec::new();

@@ -231,6 +231,37 @@ impl State {
         }
     }
 
+    /// Queues the new pending task `id`; `make` builds its record only when
+    /// it lands in its window. When it cannot be built, the window ends
+    /// before the task, which stays in the store for a refill to load.
+    pub fn enqueue_with(
+        &mut self,
+        scraper: &Arc<str>,
+        priority: Priority,
+        ready_at: UnixMs,
+        id: TaskId,
+        make: impl FnOnce() -> crate::error::Result<Active>,
+    ) {
+        let placed = self.queue.insert(scraper, priority, ready_at, id);
+        for evicted in placed.evicted {
+            self.tasks.remove(&evicted);
+        }
+        if !placed.kept {
+            return;
+        }
+        match make() {
+            Ok(task) => {
+                self.tasks.insert(id, task);
+            }
+            Err(e) => {
+                tracing::error!(task = %id, error = %e, "cannot decode a planned task; the store's copy is loaded later");
+                for evicted in self.queue.truncate_from(scraper, priority, (ready_at, id)) {
+                    self.tasks.remove(&evicted);
+                }
+            }
+        }
+    }
+
     /// Drops a task that left the pending state from memory and the queue.
     pub fn forget(&mut self, id: TaskId) {
         if let Some(task) = self.tasks.remove(&id) {
