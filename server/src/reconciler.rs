@@ -763,3 +763,84 @@ pub async fn fold_pages(
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::reconcile::{Expected, QueueEntry, plan};
+
+    const CONFIG: &str = "\
+version: 1
+lake:
+  local:
+    root: lake
+scrapers:
+  s:
+    command: [\"true\"]
+sources:
+  - name: games
+    scraper: s
+    min_bytes: 10
+    partitions:
+      - dates: {start: 2024-10-20, end: 2024-10-27}
+      - values: {var: id, values: [\"a\", \"b\", \"c\"]}
+    objects: [\"games/{date:%Y%m%d}/{id}.json\", \"games/{date:%Y%m%d}/{id}.csv\"]
+  - name: seasons
+    scraper: s
+    partitions:
+      values: {var: season, values: [\"2022\", \"2023\", \"2024\"]}
+    objects: [\"seasons/{season}.json\"]
+";
+
+    proptest! {
+        /// Planning a catalog lazily, in probe batches, gives the same gaps
+        /// and coverage as planning its expanded partitions one by one,
+        /// whatever the lake holds and the queue says.
+        #[test]
+        fn plan_catalog_agrees_with_plan(
+            lake in prop::collection::vec(0u8..4, 75),
+            queue in prop::collection::vec(0u8..6, 27),
+        ) {
+            let cfg = Config::parse(CONFIG, std::path::Path::new("adce.yaml")).unwrap();
+            let catalog = Catalog::from_config(&cfg);
+            let today = NaiveDate::from_ymd_opt(2024, 11, 1).unwrap();
+            let now = 1_000_000;
+            let expanded = catalog.expand(today);
+            let keys: Vec<&String> = expanded.iter().flat_map(|e| &e.keys).collect();
+            prop_assert_eq!(keys.len(), 3 * 8 * 2 + 3);
+            // Each key: absent, too small, or present (twice as likely).
+            let mut observed = ObservedIndex::default();
+            for (key, what) in keys.iter().zip(&lake) {
+                let size = match what {
+                    0 => continue,
+                    1 => 1,
+                    _ => 100,
+                };
+                observed.insert(key, ObservedObject { size, modified_ms: 1 });
+            }
+            let mut view = QueueView::new();
+            for (exp, what) in expanded.iter().zip(&queue) {
+                let entry = match what {
+                    0 => QueueEntry::Active,
+                    1 => QueueEntry::Dead,
+                    2 => QueueEntry::Unavailable { recheck_at: now + 1 },
+                    3 => QueueEntry::Unavailable { recheck_at: now - 1 },
+                    _ => continue,
+                };
+                view.insert(&catalog.sources[exp.source].name, &exp.partition.key(), entry);
+            }
+            let lazily = plan_catalog(&catalog, today, &[], &observed, &view, now);
+            let expected: Vec<Expected> = expanded
+                .into_iter()
+                .map(|e| Expected { source: e.source, partition: e.partition, keys: e.keys })
+                .collect();
+            let eagerly = plan(&plan_sources(&catalog), &expected, &observed, &view, now);
+            prop_assert_eq!(&lazily.gaps, &eagerly.gaps);
+            prop_assert_eq!(&lazily.coverage, &eagerly.coverage);
+            prop_assert_eq!(lazily.gap_count, eagerly.gap_count);
+        }
+    }
+}
