@@ -483,6 +483,26 @@ fn bind(rt: &Runtime, address: &str) -> TcpListener {
     }
 }
 
+/// Binds `address` again after a server there stopped. The port may stay
+/// busy for a moment (its connections closing, or another test's listener
+/// on port 0 handed the same port and already gone), so this tries again
+/// for up to [`REBIND_FOR`].
+fn rebind(rt: &Runtime, address: &str) -> TcpListener {
+    let deadline = Instant::now() + REBIND_FOR;
+    loop {
+        match rt.block_on(TcpListener::bind(address)) {
+            Ok(listener) => return listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("cannot bind {address} again: {e}"),
+        }
+    }
+}
+
+/// How long [`rebind`] tries.
+const REBIND_FOR: Duration = Duration::from_secs(10);
+
 /// A stub server on a fresh loopback port, with its runtime.
 fn serve() -> (Runtime, Server, Shared) {
     let rt = runtime();
@@ -890,7 +910,7 @@ fn logs_follow_survives_a_server_restart_without_losing_or_repeating_lines() {
     );
 
     // It comes back on the same address.
-    let listener = bind(&rt, &address.to_string());
+    let listener = rebind(&rt, &address.to_string());
     let second = Server::start(&rt, listener, Life::Second, &shared);
 
     let after: Vec<Option<u64>> = take_lines(&out, 2).iter().map(|l| seq_of(l)).collect();
