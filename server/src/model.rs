@@ -22,12 +22,7 @@ impl fmt::Display for TaskId {
 pub struct LeaseId(pub String);
 
 impl LeaseId {
-    /// A new random lease id (`l-` and 16 hex digits).
-    pub fn generate() -> Self {
-        LeaseId::from_random(rand::random::<u64>())
-    }
-
-    /// The lease id made of the random number `n`.
+    /// The lease id made of the random number `n` (`l-` and 16 hex digits).
     pub fn from_random(n: u64) -> Self {
         LeaseId(format!("l-{n:016x}"))
     }
@@ -342,6 +337,11 @@ pub type UnixMs = i64;
 /// The current time in milliseconds since the Unix epoch.
 pub fn now_ms() -> UnixMs {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// The UTC date of `ms` (the earliest date when out of range).
+pub fn utc_date(ms: UnixMs) -> NaiveDate {
+    chrono::DateTime::from_timestamp_millis(ms).map_or(NaiveDate::MIN, |t| t.date_naive())
 }
 
 #[cfg(test)]

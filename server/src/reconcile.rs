@@ -103,16 +103,6 @@ impl QueueView {
     pub fn get(&self, source: &str, partition_key: &str) -> Option<&QueueEntry> {
         self.entries.get(&self.hash(source, partition_key))
     }
-
-    /// How many partitions it holds.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether it holds none.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// Object counts for a set of expected objects.
@@ -229,8 +219,7 @@ impl<'a> Planner<'a> {
         queue: &'a QueueView,
         now: UnixMs,
     ) -> Self {
-        let today =
-            chrono::DateTime::from_timestamp_millis(now).map_or(NaiveDate::MIN, |t| t.date_naive());
+        let today = crate::model::utc_date(now);
         Planner {
             sources,
             observed,

@@ -343,6 +343,7 @@ fn collect_tasks(
 }
 
 /// Every pending or leased task (tests compare them with the scheduler's memory).
+#[cfg(test)]
 pub fn load_active(conn: &Connection) -> Result<Vec<TaskRow>> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('pending', 'leased')"

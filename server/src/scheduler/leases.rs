@@ -18,17 +18,24 @@ use crate::logs::Event;
 use crate::model::{AgentId, LeaseId, TaskId, TaskState, UnixMs};
 
 impl State {
+    /// The task of lease `lease` when the lease is live and, if `agent` is
+    /// given, held by it.
+    fn live_task_mut(&mut self, lease: &LeaseId, agent: Option<&AgentId>) -> Option<&mut Active> {
+        let id = *self.leases.get(lease)?;
+        self.tasks.get_mut(&id).filter(|t| {
+            t.lease
+                .as_ref()
+                .is_some_and(|l| agent.is_none_or(|a| &l.agent == a))
+        })
+    }
+
     /// The lease `lease` when it is live and, if `agent` is given, held by it.
     pub(super) fn live_lease_mut(
         &mut self,
         lease: &LeaseId,
         agent: Option<&AgentId>,
     ) -> Option<&mut Lease> {
-        self.leases
-            .get(lease)
-            .and_then(|t| self.tasks.get_mut(t))
-            .and_then(|t| t.lease.as_mut())
-            .filter(|l| agent.is_none_or(|a| &l.agent == a))
+        self.live_task_mut(lease, agent)?.lease.as_mut()
     }
 
     /// What the gateway needs to know about the live lease `lease`, held by
@@ -97,10 +104,7 @@ impl State {
         now: UnixMs,
     ) {
         self.seen(agent, now);
-        if self.live_lease_mut(lease, Some(agent)).is_none() {
-            return;
-        }
-        if let Some(task) = self.leases.get(lease).and_then(|t| self.tasks.get_mut(t)) {
+        if let Some(task) = self.live_task_mut(lease, Some(agent)) {
             task.progress = fraction.clamp(0.0, 1.0);
         }
     }
@@ -195,13 +199,9 @@ impl State {
         let source_config = self.catalog.source(&source);
         let recheck_after =
             source_config.map_or(crate::config::DEFAULT_RECHECK_AFTER, |s| s.recheck_after);
-        let retry = self
-            .catalog
-            .scrapers
-            .get(&*scraper)
-            .map(|s| s.retry.clone());
         let unit = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        let next = verdict::next(&verdict, attempt, retry.as_ref(), recheck_after, now, unit);
+        let retry = self.catalog.scrapers.get(&*scraper).map(|s| &s.retry);
+        let next = verdict::next(&verdict, attempt, retry, recheck_after, now, unit);
         let error = verdict.error().to_string();
         match next {
             Next::Done => {
@@ -230,20 +230,14 @@ impl State {
             }
             Next::Requeue { ready_at, attempts } => {
                 self.requeue(fx, id, ready_at, attempts, error.clone(), now);
-                let message = if let Verdict::Refused(_) = verdict {
-                    format!("{error}; queued again")
-                } else {
-                    format!(
+                let e = match verdict {
+                    Verdict::Refused(_) => Event::info(format!("{error}; queued again")),
+                    _ => Event::warn(format!(
                         "attempt {attempt} failed: {error}; retrying in {}",
                         humantime::format_duration(Duration::from_millis(
                             u64::try_from(ready_at - now).unwrap_or(0) / 1000 * 1000
                         ))
-                    )
-                };
-                let e = if let Verdict::Refused(_) = verdict {
-                    Event::info(message)
-                } else {
-                    Event::warn(message)
+                    )),
                 };
                 fx.log(event(e).row());
             }
@@ -439,19 +433,10 @@ impl State {
             )?;
             let keys: Vec<(UnixMs, TaskId)> = rows.iter().map(|r| (r.ready_at, r.id)).collect();
             for row in rows {
-                let source = self.intern(&row.source);
-                self.tasks.entry(row.id).or_insert_with(|| {
-                    Active::pending(
-                        row.id,
-                        source,
-                        refill.scraper.clone(),
-                        row.partition,
-                        row.expected_keys,
-                        row.priority,
-                        row.attempts,
-                        row.ready_at,
-                    )
-                });
+                if !self.tasks.contains_key(&row.id) {
+                    let task = self.active_from_row(row);
+                    self.tasks.insert(task.id, task);
+                }
             }
             self.queue.refilled(&refill, &keys, keys.len() < window);
         }

@@ -9,11 +9,11 @@ use tracing::info;
 
 use super::RetrySelection;
 use super::effects::{Effects, Write};
-use super::state::{Active, State};
+use super::state::State;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::logs::Event;
-use crate::model::{Priority, TaskId, TaskState, UnixMs};
+use crate::model::{Priority, TaskId, TaskState, UnixMs, utc_date};
 use crate::store::{self, TaskRow};
 
 impl State {
@@ -58,13 +58,14 @@ impl State {
                 }
                 continue;
             };
-            let source = self.intern(&row.source);
-            let scraper = self.intern(&row.scraper);
+            let task = self.active_from_row(row);
+            let (source, scraper, priority) =
+                (task.source.clone(), task.scraper.clone(), task.priority);
             self.count(
                 &source,
                 &scraper,
-                Some((before, row.priority)),
-                (TaskState::Pending, row.priority),
+                Some((before, priority)),
+                (TaskState::Pending, priority),
             );
             fx.log(
                 Event::info("retried by an operator")
@@ -72,16 +73,7 @@ impl State {
                     .source(source.to_string())
                     .row(),
             );
-            self.remember(Active::pending(
-                id,
-                source,
-                scraper,
-                row.partition,
-                row.expected_keys,
-                row.priority,
-                0,
-                now,
-            ));
+            self.remember(task);
             retried.push(id);
         }
         Ok((retried, skipped))
@@ -232,8 +224,10 @@ impl State {
         }
         self.cell.set(catalog.clone());
         // The rules changed: a sweep from the start, whole, now.
-        self.sweep = Some(Sweep::new(today(now)));
-        let reprioritized = self.sweep_priorities(tx, fx, now, usize::MAX)?;
+        self.sweep = Some(Sweep::new(utc_date(now)));
+        let reprioritized = self
+            .sweep_priorities(tx, fx, now, usize::MAX)?
+            .unwrap_or_default();
         info!(
             sources = catalog.sources.len(),
             scrapers = catalog.scrapers.len(),
@@ -255,16 +249,16 @@ impl State {
     /// Re-applies the sources' priority rules to up to `budget` active
     /// tasks, continuing the sweep in progress; a sweep starts when the day
     /// changes and some source's rules depend on the date. Returns how many
-    /// tasks changed when the sweep finished within the budget (0 while it
-    /// goes on).
+    /// tasks changed once a sweep finishes within the budget, `None` while
+    /// one goes on or none runs.
     pub(super) fn sweep_priorities(
         &mut self,
         tx: &Transaction<'_>,
         fx: &mut Effects,
         now: UnixMs,
         budget: usize,
-    ) -> Result<u64> {
-        let day = today(now);
+    ) -> Result<Option<u64>> {
+        let day = utc_date(now);
         if self.sweep.is_none() && self.swept_day != Some(day) {
             if self
                 .catalog
@@ -278,7 +272,7 @@ impl State {
             }
         }
         let Some(mut sweep) = self.sweep.take() else {
-            return Ok(0);
+            return Ok(None);
         };
         let mut left = budget;
         loop {
@@ -298,20 +292,11 @@ impl State {
             }
             if rows.len() < chunk {
                 self.swept_day = Some(sweep.day);
-                if sweep.changed > 0 && budget != usize::MAX {
-                    fx.log(
-                        Event::info(format!(
-                            "{} queued tasks changed priority by their source's rules",
-                            sweep.changed
-                        ))
-                        .row(),
-                    );
-                }
-                return Ok(sweep.changed);
+                return Ok(Some(sweep.changed));
             }
             if left == 0 {
                 self.sweep = Some(sweep);
-                return Ok(0);
+                return Ok(None);
             }
         }
     }
@@ -334,16 +319,11 @@ impl State {
                 self.enqueue(&scraper, priority, ready_at, row.id);
             }
             // Pending in the store only: it may belong in its new window.
-            None if state == TaskState::Pending => self.remember(Active::pending(
-                row.id,
-                source.clone(),
-                scraper.clone(),
-                row.partition.clone(),
-                row.expected_keys.clone(),
-                priority,
-                row.attempts,
-                row.ready_at,
-            )),
+            None if state == TaskState::Pending => {
+                let mut task = self.active_from_row(row.clone());
+                task.priority = priority;
+                self.remember(task);
+            }
             None => {}
         }
         self.count(
@@ -380,9 +360,4 @@ impl Sweep {
             changed: 0,
         }
     }
-}
-
-/// The UTC date of `now`.
-fn today(now: UnixMs) -> chrono::NaiveDate {
-    chrono::DateTime::from_timestamp_millis(now).map_or(chrono::NaiveDate::MIN, |t| t.date_naive())
 }

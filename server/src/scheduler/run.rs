@@ -16,11 +16,11 @@ use tracing::{debug, error, info};
 use super::counts::Counts;
 use super::effects::{Effects, Write};
 use super::handle::{Command, Handle};
-use super::state::{Active, Lease, State};
+use super::state::{Lease, State};
 use super::{CatalogCell, QueueReport, SchedulerOptions};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::logs::LogBus;
+use crate::logs::{Event, LogBus};
 use crate::model::{TaskState, UnixMs, now_ms};
 use crate::store;
 
@@ -78,27 +78,17 @@ pub(super) fn load(conn: &Connection, state: &mut State, now: UnixMs) -> Result<
     }
     let pending = state.counts.total(TaskState::Pending);
     let mut leased = 0u64;
-    for row in store::load_leased(conn)? {
-        let source = state.intern(&row.source);
-        let scraper = state.intern(&row.scraper);
-        let mut task = Active::pending(
-            row.id,
-            source,
-            scraper.clone(),
-            row.partition,
-            row.expected_keys,
-            row.priority,
-            row.attempts,
-            row.ready_at,
-        );
-        let Some((id, agent)) = row.lease else {
+    for mut row in store::load_leased(conn)? {
+        let Some((id, agent)) = row.lease.take() else {
             continue;
         };
+        let task_id = row.id;
+        let mut task = state.active_from_row(row);
         // A restarted server gives every lease a fresh deadline so its
         // agent has time to reconnect and re-attach it.
-        state.leases.insert(id.clone(), row.id);
+        state.leases.insert(id.clone(), task_id);
         // Running tasks keep counting against their limit groups.
-        let groups = state.scraper_groups(&scraper);
+        let groups = state.scraper_groups(&task.scraper);
         let permit = state.limits.reattach(&groups);
         state.permits.insert(id.clone(), permit);
         task.lease = Some(Lease {
@@ -363,7 +353,14 @@ impl State {
         }
         self.expire_leases(fx, now);
         fx.apply(tx)?;
-        self.sweep_priorities(tx, fx, now, SWEEP_PER_TICK)?;
+        if let Some(changed @ 1..) = self.sweep_priorities(tx, fx, now, SWEEP_PER_TICK)? {
+            fx.log(
+                Event::info(format!(
+                    "{changed} queued tasks changed priority by their source's rules"
+                ))
+                .row(),
+            );
+        }
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ use super::{AgentTx, CatalogCell, QueueStats, SchedulerOptions, StopNotice};
 use crate::catalog::Catalog;
 use crate::limits::{LimitGroups, Permit};
 use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs};
+use crate::store::TaskRow;
 
 /// A leased task, or a pending one in the ready queue's window.
 #[derive(Debug)]
@@ -169,6 +170,22 @@ impl State {
         let interned: Arc<str> = Arc::from(name);
         self.names.insert(name.to_string(), interned.clone());
         interned
+    }
+
+    /// The in-memory record of a task as stored, its lease left out.
+    pub fn active_from_row(&mut self, row: TaskRow) -> Active {
+        let source = self.intern(&row.source);
+        let scraper = self.intern(&row.scraper);
+        Active::pending(
+            row.id,
+            source,
+            scraper,
+            row.partition,
+            row.expected_keys,
+            row.priority,
+            row.attempts,
+            row.ready_at,
+        )
     }
 
     /// The limit groups a scraper belongs to.
