@@ -245,3 +245,15 @@ async fn answer(
         Err(_) => panic!("no answer to the upload within {MESSAGE_TIMEOUT:?}"),
     }
 }
+
+/// A runtime for tests that drive a [`RawAgent`] from synchronous code.
+pub fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => panic!("cannot build a runtime: {e}"),
+    }
+}

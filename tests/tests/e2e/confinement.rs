@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use adce_proto::v1 as pb;
 use adce_proto::v1::agent_message::Kind as In;
-use adce_tests::raw_agent::{CLOSE_TIMEOUT, MESSAGE_TIMEOUT, RawAgent};
+use adce_tests::raw_agent::{self, CLOSE_TIMEOUT, MESSAGE_TIMEOUT, RawAgent};
 use adce_tests::{
     AgentProc, ServerProc, TestDir, all_tasks, base_config, ctl_json, files_under, free_addr,
     log_entries, state_of, task_id, wait_until,
@@ -52,17 +52,6 @@ sources:
             base_config(listen).replace("  lease_ttl: 3s\n", &format!("  lease_ttl: 3s\n{server}")),
         items = items.join(", ")
     )
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => panic!("cannot build a runtime: {e}"),
-    }
 }
 
 /// The connected agents' ids.
@@ -108,7 +97,7 @@ fn uploads_only_from_the_holder_and_only_its_expected_keys() {
     let path = dir.write_config("adce.yaml", &config(listen, "", &["1", "2"]));
     let server = ServerProc::start(&path, listen);
     let url = server.url();
-    let rt = runtime();
+    let rt = raw_agent::runtime();
     let mut x = rt.block_on(RawAgent::connect(&url, "raw-x", 1)).unwrap();
     let mut y = rt.block_on(RawAgent::connect(&url, "raw-y", 1)).unwrap();
     let (ax, ay) = (rt.block_on(x.assign()), rt.block_on(y.assign()));
@@ -173,7 +162,7 @@ fn results_and_log_lines_for_a_lease_not_held_are_dropped() {
     let path = dir.write_config("adce.yaml", &config(listen, "", &["1", "2"]));
     let server = ServerProc::start(&path, listen);
     let url = server.url();
-    let rt = runtime();
+    let rt = raw_agent::runtime();
     let mut x = rt.block_on(RawAgent::connect(&url, "raw-x", 1)).unwrap();
     let mut y = rt.block_on(RawAgent::connect(&url, "raw-y", 1)).unwrap();
     let (ax, ay) = (rt.block_on(x.assign()), rt.block_on(y.assign()));
@@ -259,7 +248,7 @@ fn only_the_offender_is_cut_off(
     let path = dir.write_config("adce.yaml", &config(listen, "", &["1", "2"]));
     let server = ServerProc::start(&path, listen);
     let url = server.url();
-    let rt = runtime();
+    let rt = raw_agent::runtime();
     let mut raw = rt.block_on(RawAgent::connect(&url, "raw", 1)).unwrap();
     let assign = rt.block_on(raw.assign());
     let _good = AgentProc::start(&url, "good", 1, &[], dir.path());
@@ -366,7 +355,7 @@ fn max_agents_refuses_the_next_new_agent() {
     let path = dir.write_config("adce.yaml", &config(listen, "  max_agents: 2\n", &["1"]));
     let server = ServerProc::start(&path, listen);
     let url = server.url();
-    let rt = runtime();
+    let rt = raw_agent::runtime();
     let a = rt.block_on(RawAgent::connect(&url, "raw-a", 1)).unwrap();
     let _b = rt.block_on(RawAgent::connect(&url, "raw-b", 1)).unwrap();
     let refused = rt.block_on(RawAgent::connect(&url, "raw-c", 1));
@@ -414,7 +403,7 @@ fn one_connection_gets_at_most_max_concurrent_streams() {
     );
     let server = ServerProc::start(&path, listen);
     let url = server.url();
-    runtime().block_on(async {
+    raw_agent::runtime().block_on(async {
         let connect = || async {
             let channel = Channel::from_shared(url.clone())
                 .unwrap_or_else(|e| panic!("bad url: {e}"))

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use adce_tests::raw_agent::RawAgent;
+use adce_tests::raw_agent::{self, RawAgent};
 use adce_tests::{
     MotoServer, ServerProc, TestDir, base_config, ctl, files_under, free_addr, s3_config, text,
     wait_until,
@@ -143,17 +143,6 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => panic!("cannot build a runtime: {e}"),
-    }
-}
-
 /// Connects a hand-made agent as `id`, takes the task's lease, announces
 /// [`ANNOUNCED`] bytes of [`KEY`] and sends [`SENT`] of them; the upload
 /// stays open.
@@ -187,7 +176,7 @@ fn start_partial_upload(
 fn killed_mid_write_then_cleaned_up(kind: &LakeKind, dir: &TestDir) {
     let listen = free_addr();
     let lake_dir = dir.join("lake");
-    let rt = runtime();
+    let rt = raw_agent::runtime();
     let path = dir.write_config("adce.yaml", &kind.config(listen, false));
     let mut first = kind.start_server(&path, listen);
     let url = first.url();
