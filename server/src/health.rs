@@ -75,7 +75,7 @@ pub fn reconcile_overdue(
     if !enabled {
         return None;
     }
-    let allowed_ms = i64::try_from(allowed.as_millis()).unwrap_or(i64::MAX);
+    let allowed_ms = crate::model::duration_ms(allowed);
     let since = if last_reconcile > 0 {
         last_reconcile
     } else {
@@ -455,16 +455,14 @@ pub async fn run(
         match scheduler.report().await {
             Ok(report) => {
                 samples.push_back((now, report.stats.done_total, report.stats.failed_total));
-                let window =
-                    i64::try_from(rules.failure_rate.window.as_millis()).unwrap_or(i64::MAX);
+                let window = crate::model::duration_ms(rules.failure_rate.window);
                 while samples.front().is_some_and(|(t, _, _)| now - t > window) {
                     samples.pop_front();
                 }
                 if let Some(problem) = failure_rate_too_high(&samples, &rules.failure_rate) {
                     findings.insert("adce.dispatcher", problem);
                 }
-                let oldest_limit =
-                    i64::try_from(rules.oldest_ready.as_millis()).unwrap_or(i64::MAX);
+                let oldest_limit = crate::model::duration_ms(rules.oldest_ready);
                 if let Some(oldest) = report.oldest_ready.filter(|t| now - t > oldest_limit) {
                     findings.insert(
                         "adce.dispatcher",

@@ -339,6 +339,11 @@ pub fn now_ms() -> UnixMs {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// `d` in milliseconds, saturating at `i64::MAX`.
+pub fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// The UTC date of `ms` (the earliest date when out of range).
 pub fn utc_date(ms: UnixMs) -> NaiveDate {
     chrono::DateTime::from_timestamp_millis(ms).map_or(NaiveDate::MIN, |t| t.date_naive())

@@ -218,7 +218,7 @@ fn aging_ms(aging: Duration) -> Option<i64> {
     if aging.is_zero() {
         return None;
     }
-    Some(i64::try_from(aging.as_millis()).unwrap_or(i64::MAX).max(1))
+    Some(crate::model::duration_ms(aging).max(1))
 }
 
 /// Levels from `p` up to critical.

@@ -10,7 +10,6 @@
 //! first applied yields no upserts (reconcile never fights the queue).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use chrono::NaiveDate;
 
@@ -207,10 +206,6 @@ impl std::fmt::Debug for Planner<'_> {
     }
 }
 
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
 impl<'a> Planner<'a> {
     /// A planner at time `now` (ms since the Unix epoch).
     pub fn new(
@@ -255,9 +250,10 @@ impl<'a> Planner<'a> {
     fn stale_before(&self, source: &PlanSource, partition: &Partition) -> Option<UnixMs> {
         let refresh = source.refresh?;
         let date = partition.date()?;
-        refresh
-            .covers(date, self.today)
-            .then(|| self.now.saturating_sub(ms(refresh.max_age)))
+        refresh.covers(date, self.today).then(|| {
+            self.now
+                .saturating_sub(crate::model::duration_ms(refresh.max_age))
+        })
     }
 
     /// Compares one expected partition of `sources[source]` with the lake.
@@ -412,6 +408,8 @@ pub fn nth_partition(generators: &[(String, Vec<Value>)], mut n: u64) -> Partiti
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::model::Value;
     use proptest::prelude::*;

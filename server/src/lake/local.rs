@@ -98,7 +98,7 @@ fn modified_ms(meta: &std::fs::Metadata) -> UnixMs {
     meta.modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .map_or(0, crate::model::duration_ms)
 }
 
 fn io_err<'a>(op: &'static str, key: &'a str) -> impl FnOnce(std::io::Error) -> LakeError + 'a {

@@ -282,7 +282,7 @@ impl S3Lake {
         if now < due {
             return;
         }
-        let interval = i64::try_from(SWEEP_INTERVAL.as_millis()).unwrap_or(i64::MAX);
+        let interval = crate::model::duration_ms(SWEEP_INTERVAL);
         let next = now.saturating_add(interval);
         if self
             .next_sweep_ms
@@ -308,7 +308,7 @@ impl S3Lake {
 /// Whether an upload initiated at `initiated` (ms since the Unix epoch) is
 /// older than `age` at `now`.
 fn is_stale(initiated: UnixMs, now: UnixMs, age: Duration) -> bool {
-    let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    let age = crate::model::duration_ms(age);
     initiated < now.saturating_sub(age)
 }
 

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use super::effects::{Effects, Write};
 use super::state::{Agent, State};
-use super::verdict::{Failure, Verdict, millis};
+use super::verdict::{Failure, Verdict};
 use super::{
     AdmissionLimits, AgentHello, AgentSnapshot, AgentTx, StopNotice, ToAgent, WaitingNote,
 };
@@ -55,7 +55,8 @@ impl State {
         // old stream went quiet (half-open) replaces it.
         if let Some(existing) = self.agents.get(&id) {
             let quiet_ms = now - existing.last_seen;
-            let grace_ms = 2 * millis(self.opts.heartbeat_interval).min(i64::MAX / 2);
+            let grace_ms =
+                2 * crate::model::duration_ms(self.opts.heartbeat_interval).min(i64::MAX / 2);
             if quiet_ms < grace_ms {
                 let address = existing.address.clone();
                 warn!(agent = %id, %address, "agent refused: its id is connected and active");
@@ -403,7 +404,7 @@ impl State {
     /// Scrapers whose ready tasks have had no eligible agent for longer than
     /// `no_agent_after`.
     pub(super) fn waiting(&self, now: UnixMs) -> Vec<WaitingNote> {
-        let after = millis(self.opts.no_agent_after);
+        let after = crate::model::duration_ms(self.opts.no_agent_after);
         let mut notes: Vec<WaitingNote> = self
             .queue
             .ready_scrapers(now)
@@ -434,7 +435,7 @@ impl State {
         for scraper in stuck {
             self.unroutable.entry(scraper).or_insert((now, false));
         }
-        let after = millis(self.opts.no_agent_after);
+        let after = crate::model::duration_ms(self.opts.no_agent_after);
         let due: Vec<Arc<str>> = self
             .unroutable
             .iter()

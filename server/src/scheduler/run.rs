@@ -345,7 +345,7 @@ impl State {
         self.track_unroutable(fx, now);
         if now - self.pruned_at >= LOG_PRUNE_EVERY_MS {
             self.pruned_at = now;
-            let max_age_ms = super::verdict::millis(self.retention.max_age);
+            let max_age_ms = crate::model::duration_ms(self.retention.max_age);
             fx.write(Write::PruneLogs {
                 before: now.saturating_sub(max_age_ms),
                 keep_rows: self.retention.max_rows,

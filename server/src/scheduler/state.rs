@@ -198,7 +198,7 @@ impl State {
     }
 
     pub fn lease_ttl_ms(&self) -> i64 {
-        super::verdict::millis(self.opts.lease_ttl)
+        crate::model::duration_ms(self.opts.lease_ttl)
     }
 
     /// Counts a task of `source` and `scraper` moving from `from` (none:

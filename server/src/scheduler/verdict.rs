@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crate::config::RetryPolicy;
-use crate::model::UnixMs;
+use crate::model::{UnixMs, duration_ms};
 
 /// The exit code for data that does not exist yet (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: i32 = 69;
@@ -264,7 +264,7 @@ pub fn next(
     match verdict {
         Verdict::Done => Next::Done,
         Verdict::Unavailable => Next::Unavailable {
-            recheck_at: now.saturating_add(millis(recheck_after)),
+            recheck_at: now.saturating_add(duration_ms(recheck_after)),
         },
         Verdict::Refused(_) => Next::Requeue {
             ready_at: now,
@@ -280,7 +280,7 @@ pub fn next(
             let ready_at = if *kind == Failure::Lost {
                 now
             } else {
-                let delay = retry.map_or(millis(crate::config::DEFAULT_BACKOFF), |r| {
+                let delay = retry.map_or(duration_ms(crate::config::DEFAULT_BACKOFF), |r| {
                     backoff_ms(
                         r.backoff,
                         r.multiplier,
@@ -298,11 +298,6 @@ pub fn next(
             }
         }
     }
-}
-
-/// A duration in milliseconds, saturating.
-pub fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The delay before retry number `attempt` (1-based count of failures so
