@@ -200,12 +200,16 @@ fn fresh_state(
 
 impl Harness {
     fn new() -> Self {
+        Harness::with(CONFIG, 1_000_000)
+    }
+
+    /// A harness for the catalog of `config`, its clock at `now`.
+    fn with(config: &str, now: UnixMs) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::parse(CONFIG, &dir.path().join("adce.yaml")).unwrap();
+        let cfg = Config::parse(config, &dir.path().join("adce.yaml")).unwrap();
         let catalog = Arc::new(Catalog::from_config(&cfg));
         let state_dir = dir.path().join("state");
         let conn = store::open_writer(&state_dir).unwrap();
-        let now = 1_000_000;
         let state = fresh_state(&conn, &catalog, now, 1, SMALL_WINDOW);
         Harness {
             _dir: dir,
@@ -765,8 +769,14 @@ fn the_queue_order_after_a_restart_equals_the_order_before() {
 #[test]
 fn when_the_day_changes_the_sweep_moves_priorities_by_the_rules() {
     const DAY: UnixMs = 86_400_000;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = Config::parse(
+    // Noon on 2024-01-10: the 9th and 10th are within a day.
+    let day10 = chrono::NaiveDate::from_ymd_opt(2024, 1, 10)
+        .unwrap()
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis();
+    let mut h = Harness::with(
         "version: 1
 lake:
   local:
@@ -784,29 +794,16 @@ sources:
       dates: {start: 2024-01-01, end: 2024-01-10}
     objects: [\"daily/{date:%Y%m%d}.json\"]
 ",
-        &dir.path().join("adce.yaml"),
-    )
-    .unwrap();
-    let catalog = Arc::new(Catalog::from_config(&cfg));
-    let mut conn = store::open_writer(&dir.path().join("state")).unwrap();
-    // Noon on 2024-01-10: the 9th and 10th are within a day.
-    let day10 = chrono::NaiveDate::from_ymd_opt(2024, 1, 10)
-        .unwrap()
-        .and_hms_opt(12, 0, 0)
-        .unwrap()
-        .and_utc()
-        .timestamp_millis();
-    let mut state = fresh_state(&conn, &catalog, day10, 7, SMALL_WINDOW);
+        day10,
+    );
     let date = |d: u32| chrono::NaiveDate::from_ymd_opt(2024, 1, d).unwrap();
+    let rules = h.catalog.sources[0].priority_rules.clone();
     let tasks = (1..=10)
         .map(|d| {
             let partition = Partition {
                 vars: vec![("date".into(), Value::Date(date(d)))],
             };
-            let priority = catalog.sources[0]
-                .priority_rules
-                .base_for(&partition, date(10))
-                .0;
+            let priority = rules.base_for(&partition, date(10)).0;
             PlannedTask::new(
                 "daily",
                 "s",
@@ -817,6 +814,12 @@ sources:
             )
         })
         .collect();
+    let created = h.call(|reply| Command::ApplyPlan {
+        tasks,
+        observed_at: 0,
+        reply,
+    });
+    assert_eq!(created.unwrap(), 10);
     let critical = |conn: &Connection| -> Vec<String> {
         let mut stmt = conn
             .prepare("SELECT partition_key FROM tasks WHERE priority = 4 ORDER BY partition_key")
@@ -826,43 +829,15 @@ sources:
             .collect::<rusqlite::Result<_>>()
             .unwrap()
     };
-    let run = |state: &mut State, conn: &mut Connection, cmd: Option<Command>, now: UnixMs| {
-        let mut fx = Effects::default();
-        let txn = conn.transaction().unwrap();
-        if let Some(cmd) = cmd {
-            state.handle(&txn, &mut fx, cmd, now).unwrap();
-            fx.apply(&txn).unwrap();
-        }
-        state.tick(&txn, &mut fx, now).unwrap();
-        state.end_batch(&txn, &mut fx, now, true).unwrap();
-        fx.apply(&txn).unwrap();
-        txn.commit().unwrap();
-    };
-    let (reply, _) = tokio::sync::oneshot::channel();
-    run(
-        &mut state,
-        &mut conn,
-        Some(Command::ApplyPlan {
-            tasks,
-            observed_at: 0,
-            reply,
-        }),
-        day10,
-    );
-    assert_eq!(critical(&conn), ["date=2024-01-09", "date=2024-01-10"]);
+    assert_eq!(critical(&h.conn), ["date=2024-01-09", "date=2024-01-10"]);
     // Two days on, nothing is within a day any more.
-    run(&mut state, &mut conn, None, day10 + 2 * DAY);
-    assert!(critical(&conn).is_empty(), "{:?}", critical(&conn));
-    let counted = count_query(
-        &conn,
-        "SELECT state, priority, source, scraper, n FROM task_counts WHERE n != 0",
-    );
-    assert_eq!(
-        counted,
-        [("pending".into(), 1, "daily".into(), "s".into(), 10)]
-    );
+    h.now = day10 + 2 * DAY;
+    h.batch(None);
+    assert!(critical(&h.conn).is_empty(), "{:?}", critical(&h.conn));
+    h.check();
     // The windows follow: the order is by date again, all low.
-    let order = drain_order(&mut state, &mut conn, day10 + 2 * DAY);
+    let now = h.now;
+    let order = drain_order(&mut h.state, &mut h.conn, now);
     assert_eq!(order.len(), 10);
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
 }
