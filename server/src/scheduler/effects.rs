@@ -4,8 +4,10 @@
 //! only after the commit ([`Effects::release`]): nothing leaves the process
 //! before it is durable.
 //!
-//! This is the seam a second store backend plugs into: decisions never
-//! write the store themselves.
+//! This is the seam a second store backend plugs into. Two writes are made
+//! in place instead, because the store decides them with one conditional
+//! statement: a plan's create-or-reopen (`plan.rs`) and an operator's retry
+//! (`operator.rs`).
 
 use std::sync::Arc;
 
