@@ -13,7 +13,7 @@
 //! rendering object keys of a partition the catalog generated cannot fail.
 //!
 //! Architecture invariant: every partition value that reaches a key or an argv passed
-//! [`crate::config::is_valid_value`] (`[A-Za-z0-9._-]{1,128}`, not only dots), whether
+//! [`crate::model::is_valid_value`] (`[A-Za-z0-9._-]{1,128}`, not only dots), whether
 //! listed in the config, parsed out of a key or extracted from a parent object.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -22,30 +22,14 @@ use std::time::Duration;
 
 use chrono::{Days, Months, NaiveDate};
 
-use crate::config::{Config, DateEnd, FromObjectsGenerator, SeasonEnd, Step, is_valid_value};
+use crate::config::{Config, DateEnd, FromObjectsGenerator, SeasonEnd, Step};
 pub use crate::config::{Generator, LimitGroup, Refresh, RetryPolicy, VarKind};
 pub use crate::extract::{Extracted, Extractor, Rejected};
-use crate::model::{Partition, Priority, Value};
+use crate::model::{
+    Partition, Priority, VAR_ATTEMPT, VAR_CONFIG_DIR, VAR_OUT, VAR_SOURCE, VAR_TASK_ID, Value,
+    is_valid_value,
+};
 use crate::template::{Arg, Piece, Placeholder, Template, TemplateError, parse_iso_date};
-
-/// Placeholder for the task's output directory (argv only; the agent fills it in).
-pub const VAR_OUT: &str = "out";
-/// Placeholder for the task's id.
-pub const VAR_TASK_ID: &str = "task_id";
-/// Placeholder for the attempt number, starting at 1.
-pub const VAR_ATTEMPT: &str = "attempt";
-/// Placeholder for the source's name.
-pub const VAR_SOURCE: &str = "source";
-/// Placeholder for the config file's directory.
-pub const VAR_CONFIG_DIR: &str = "config_dir";
-/// Every built-in placeholder; partition variables may not use these names.
-pub const SPECIAL_VARS: [&str; 5] = [
-    VAR_OUT,
-    VAR_TASK_ID,
-    VAR_ATTEMPT,
-    VAR_SOURCE,
-    VAR_CONFIG_DIR,
-];
 
 /// Every source and scraper of a config, ready to expand and render.
 #[derive(Debug, Clone)]

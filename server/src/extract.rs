@@ -6,7 +6,7 @@
 //! Pure: bytes in, [`Extracted`] out; no I/O, and no input makes it panic. Every
 //! accepted value matches the source's pattern (anchored, default
 //! [`DEFAULT_PATTERN`]) *and* the rule every partition value obeys
-//! ([`crate::config::is_valid_value`]: `[A-Za-z0-9._-]{1,128}`, not only dots): a
+//! ([`crate::model::is_valid_value`]: `[A-Za-z0-9._-]{1,128}`, not only dots): a
 //! pattern can narrow what is accepted, never widen it.
 
 use std::collections::HashSet;
@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use regex::{Regex, RegexBuilder};
 
-use crate::config::{MAX_VALUE_LEN, is_valid_value};
+use crate::model::{MAX_VALUE_LEN, is_valid_value};
 
 /// The pattern values must match when the source gives none.
 pub const DEFAULT_PATTERN: &str = "[A-Za-z0-9._-]{1,128}";

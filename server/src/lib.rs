@@ -27,6 +27,7 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod template;
+pub mod transport;
 
 pub use error::{Error, Result};
 pub use server::run;

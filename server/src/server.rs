@@ -9,21 +9,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adce_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{error, info, warn};
 
 use crate::auth::{AuthLayer, Policy};
 use crate::autoloop::{self, LoopOptions};
 use crate::catalog::Catalog;
-use crate::config::{ClientAuth, Config, LakeConfig, MAX_DURATION, TlsConfig};
+use crate::config::{Config, LakeConfig, MAX_DURATION};
 use crate::control::ControlService;
 use crate::error::{Error, Result};
-use crate::gateway::{Gateway, GatewayLimits, apply_transport_limits, control_service};
-use crate::health::Alerts;
+use crate::gateway::{Gateway, GatewayLimits};
+use crate::health::{Alerts, COMPONENTS};
 use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
 use crate::metrics::Metrics;
@@ -31,32 +28,10 @@ use crate::reconciler::{InventorySource, Reconciler};
 use crate::reload::Reloader;
 use crate::scheduler::{self, SchedulerOptions};
 use crate::store::{self, Readers};
+use crate::transport::{self, Services};
 
-/// Health names of the server's components, beside `""` and each service.
-pub const COMPONENTS: [&str; 4] = [
-    "adce.store",
-    "adce.lake",
-    "adce.reconciler",
-    "adce.dispatcher",
-];
-/// HTTP/2 keepalive pings detect half-open agent connections.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a client may take to finish its TLS handshake; a connection
-/// that never does is closed instead of held.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the transport may take to close once everything else stopped.
 const TRANSPORT_CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// The connections `listener` accepts, with TCP_NODELAY set on each.
-///
-/// Tonic sets nodelay only on sockets it accepts itself (`serve`); a caller's
-/// listener would otherwise keep Nagle's algorithm on, and every small reply
-/// (an upload's, a result's ack) would wait for the peer's delayed ACK: about
-/// 40 ms a round trip, measured as ~170 ms per uploaded task.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
 
 /// Opens the lake the config names, and the place its S3 Inventory reports
 /// are delivered when the config names one. A local lake removes the temp
@@ -86,28 +61,6 @@ pub async fn open_lake(config: &Config) -> Result<(SharedLake, Option<InventoryS
             "the config names no usable lake backend".into(),
         )),
     }
-}
-
-/// The server side of `tls:`: its identity, and the CA client certificates
-/// must chain to.
-fn server_tls(tls: &TlsConfig) -> Result<ServerTlsConfig> {
-    let read = |what: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| {
-            Error::InvalidArgument(format!("tls: cannot read {what} {}: {e}", path.display()))
-        })
-    };
-    let mut server = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read("certificate", &tls.cert)?,
-            read("key", &tls.key)?,
-        ))
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
-    if let Some(ca) = &tls.client_ca {
-        server = server
-            .client_ca_root(Certificate::from_pem(read("client CA", ca)?))
-            .client_auth_optional(tls.client_auth() != ClientAuth::All);
-    }
-    Ok(server)
 }
 
 /// Refuses to serve an exposed (non-loopback) address without tokens, unless
@@ -266,7 +219,7 @@ pub async fn run(
         })
     };
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
     for name in ["", "adce.v1.Control", "adce.v1.AgentGateway"]
         .into_iter()
         .chain(COMPONENTS)
@@ -279,16 +232,6 @@ pub async fn run(
         // The health checker reports it (adce.lake) from its first round on.
         warn!(error = %e, "lake is not reachable");
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
     let loop_token = token.child_token();
     let reconciler = Reconciler::new(
@@ -357,7 +300,7 @@ pub async fn run(
                 }
             }
         };
-        tokio::spawn(crate::metrics::serve(
+        tokio::spawn(transport::metrics::serve(
             listener,
             metrics.clone(),
             refresh,
@@ -425,25 +368,19 @@ pub async fn run(
             token.cancel();
         }
     };
-    let serve_token = token.clone();
-    let mut builder = apply_transport_limits(Server::builder(), &limits);
-    if let Some(tls) = &config.tls {
-        builder = builder
-            .tls_config(server_tls(tls)?)
-            .map_err(|e| Error::InvalidArgument(format!("tls: {e}")))?;
-    }
-    let serve = builder
-        .layer(auth)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(gateway.into_service(&limits))
-        .add_service(control_service(control, &limits))
-        .serve_with_incoming_shutdown(incoming(listener), async move {
-            serve_token.cancelled().await;
-        });
+    let services = Services {
+        health: health.clone(),
+        gateway,
+        control,
+    };
+    let serve = transport::serve_grpc(
+        services,
+        config.tls.as_ref(),
+        &limits,
+        auth,
+        listener,
+        token.clone(),
+    )?;
     let stop_task = tokio::spawn(stopping);
     let serve_task = tokio::spawn(serve);
     token.cancelled().await;
@@ -458,25 +395,4 @@ pub async fn run(
         .map_err(|e| Error::Internal(format!("scheduler watcher: {e}")))?;
     info!("adce-server stopped");
     sched_result
-}
-
-#[cfg(test)]
-mod tests {
-    use tokio_stream::StreamExt;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nodelay_on() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut accepted = incoming(listener);
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let stream = tokio::time::timeout(Duration::from_secs(10), accepted.next())
-            .await
-            .expect("a connection within 10 s")
-            .expect("the listener is open")
-            .unwrap();
-        assert!(stream.nodelay().unwrap(), "TCP_NODELAY must be set");
-    }
 }

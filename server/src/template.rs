@@ -21,9 +21,7 @@ use chrono::NaiveDate;
 use chrono::format::{Item, StrftimeItems};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::{MAX_VALUE_LEN, is_valid_value};
-use crate::lake::{LakeError, validate_key};
-use crate::model::{Partition, Value};
+use crate::model::{MAX_VALUE_LEN, Partition, Value, is_valid_value, validate_key};
 
 /// Why a template could not be parsed or rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,7 +109,7 @@ pub enum TemplateError {
         value: String,
     },
     /// A rendered object key that the lake would refuse (see
-    /// [`crate::lake::validate_key`]), e.g. one with a `..` segment or too long.
+    /// [`crate::model::validate_key`]), e.g. one with a `..` segment or too long.
     #[error("rendered object key {key:?} is not a safe key: {reason}")]
     UnsafeKey {
         /// The key as rendered, cut to [`MAX_KEY_EXCERPT`] characters.
@@ -368,21 +366,16 @@ impl Template {
     }
 
     /// Renders an object key with a partition's variables. The key is checked with
-    /// [`crate::lake::validate_key`], so a key the lake would refuse (a `..` or empty
+    /// [`crate::model::validate_key`], so a key the lake would refuse (a `..` or empty
     /// segment, a leading `/`, a backslash, a control character, more than
-    /// [`crate::lake::MAX_KEY_LEN`] bytes) is an [`TemplateError::UnsafeKey`], never an
+    /// [`crate::model::MAX_KEY_LEN`] bytes) is an [`TemplateError::UnsafeKey`], never an
     /// `Ok`, whatever the partition's values hold.
     pub fn render_partition(&self, partition: &Partition) -> Result<String, TemplateError> {
         let key = self.render(&|name| partition.get(name).map(Arg::from))?;
         if let Err(e) = validate_key(&key) {
-            let reason = match e {
-                LakeError::InvalidKey { reason, .. } => reason,
-                // `validate_key` reports nothing else; any other refusal is refused alike.
-                _ => "refused by the lake",
-            };
             return Err(TemplateError::UnsafeKey {
                 key: key.chars().take(MAX_KEY_EXCERPT).collect(),
-                reason,
+                reason: e.reason,
             });
         }
         Ok(key)

@@ -24,7 +24,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use adce_server::catalog::Catalog;
-use adce_server::config::{Config, ConfigError, PositionIndex, is_valid_value};
+use adce_server::config::{Config, ConfigError, PositionIndex};
 use adce_server::extract::{
     Column, CsvColumn, Extracted, Extraction, Extractor, JsonPath, MAX_EXCERPT_CHARS,
     MAX_REJECTED_KEPT, ValuePattern,
@@ -32,6 +32,7 @@ use adce_server::extract::{
 use adce_server::lake::inventory::testing::{ReportBuilder, encode_key, gzip};
 use adce_server::lake::inventory::{InventoryError, Report, latest_report, read_report};
 use adce_server::lake::{LocalDir, MAX_KEY_LEN, ObjectMeta, ObjectSource, validate_key};
+use adce_server::model::is_valid_value;
 use adce_server::model::{Partition, Value};
 use adce_server::template::{Arg, MAX_KEY_EXCERPT, Template, TemplateError};
 use chrono::NaiveDate;

@@ -16,6 +16,7 @@ mod position;
 mod scalars;
 mod security;
 mod validate;
+mod webhook;
 mod yaml;
 
 use std::collections::BTreeMap;
@@ -33,12 +34,11 @@ pub use partitions::{
     SeasonFormat, SeasonsGenerator, Step, ValuesGenerator, VarKind,
 };
 pub use position::{Position, PositionIndex, Segment, YamlPath};
-pub use scalars::{
-    ByteSize, CURRENT_VERSION, MAX_VALUE_LEN, PartitionValue, Rate, RatePeriod, is_valid_value,
-};
+pub use scalars::{ByteSize, CURRENT_VERSION, PartitionValue, Rate, RatePeriod};
 pub use security::{
     AuthConfig, ClientAuth, MIN_TOKEN_LEN, REDACTED, Role, Secret, TlsConfig, TokenConfig,
 };
+pub use webhook::WebhookTarget;
 
 use crate::model::Priority;
 use crate::template::Template;

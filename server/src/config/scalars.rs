@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::model::{MAX_VALUE_LEN, is_valid_value};
+
 /// Deserializes a scalar through its raw text and `FromStr` (YAML plain scalars keep
 /// their exact spelling, e.g. leading zeros). The parse runs inside serde_yaml's scalar
 /// handling, so its error carries the scalar's position.
@@ -217,9 +219,6 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// The longest partition value.
-pub const MAX_VALUE_LEN: usize = 128;
-
 /// One value of a `values` generator: `[A-Za-z0-9._-]{1,128}`, and not `.` or `..`,
 /// so that it is safe inside object keys, paths and argv.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -263,17 +262,6 @@ impl<'de> Deserialize<'de> for PartitionValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         from_text(d, "a partition value")
     }
-}
-
-/// Whether `s` is safe as a partition value inside object keys, paths and argv:
-/// `[A-Za-z0-9._-]{1,128}` and not only dots. Every partition value passes this, whether
-/// listed in the config, parsed out of a key or extracted from a parent object.
-pub fn is_valid_value(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_VALUE_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && !s.bytes().all(|b| b == b'.')
 }
 
 /// Whether `s` is a valid name for a source, scraper or limit group: `[A-Za-z0-9_.-]{1,64}`.

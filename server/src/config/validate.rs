@@ -10,15 +10,14 @@ use chrono::NaiveDate;
 use serde::Deserializer;
 
 use super::position::{Position, PositionIndex, YamlPath};
-use super::scalars::{MAX_VALUE_LEN, excerpt, from_text, is_valid_name, is_valid_var};
+use super::scalars::{excerpt, from_text, is_valid_name, is_valid_var};
+use super::webhook::WebhookTarget;
 use super::{
     Config, DateEnd, FromObjectsGenerator, Generator, ScraperConfig, SeasonEnd, SourceConfig,
     VarKind,
 };
-use crate::catalog::{SPECIAL_VARS, VAR_OUT};
 use crate::extract::Column;
-use crate::health::WebhookTarget;
-use crate::lake::MAX_KEY_LEN;
+use crate::model::{MAX_KEY_LEN, MAX_VALUE_LEN, SPECIAL_VARS, VAR_OUT};
 use crate::template::{Arg, Template, is_ident};
 
 /// A validation failure: where and what.

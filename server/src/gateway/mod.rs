@@ -7,8 +7,7 @@
 //! keys; an agent's Connect stream is cut off when it sends faster than its
 //! message budget or a message above the size limit; and [`GatewayLimits`]
 //! carries the server's message-size, stream and agent caps into the tonic
-//! services ([`Gateway::into_service`], [`control_service`]) and the transport
-//! ([`apply_transport_limits`]).
+//! service ([`Gateway::into_service`]) and `crate::transport`.
 //!
 //! Wire messages become the scheduler's domain types (and back) in `wire.rs`.
 //!
@@ -31,11 +30,10 @@ use tracing::{debug, warn};
 
 use crate::auth::Caller;
 use crate::config::ServerConfig;
-use crate::control::ControlService;
 use crate::error::Error;
-use crate::lake::{SharedLake, validate_key};
+use crate::lake::{LakeError, SharedLake};
 use crate::logs::Event;
-use crate::model::{AgentId, LeaseId};
+use crate::model::{AgentId, LeaseId, validate_key};
 use crate::scheduler::{AdmissionLimits, Handle, LeaseInfo, ObjectCheck, TaskResult};
 
 /// How long a new stream may take to say Hello.
@@ -49,8 +47,8 @@ const MAX_AGENT_ID_CHARS: usize = 128;
 const KEYS_IN_MESSAGE: usize = 3;
 
 /// The server's caps on what clients send, from the `server:` config
-/// section. Applied by [`Gateway::into_service`], [`control_service`] and
-/// [`apply_transport_limits`].
+/// section. Applied by [`Gateway::into_service`] and by `crate::transport`
+/// to the `Control` service and the HTTP/2 transport.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GatewayLimits {
     /// The largest message either service decodes.
@@ -89,25 +87,6 @@ impl Default for GatewayLimits {
     fn default() -> Self {
         GatewayLimits::from_config(&ServerConfig::default())
     }
-}
-
-/// The `Control` service with the message-size limits applied.
-pub fn control_service(
-    control: ControlService,
-    limits: &GatewayLimits,
-) -> pb::control_server::ControlServer<ControlService> {
-    pb::control_server::ControlServer::new(control)
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(MAX_ENCODE_BYTES.max(limits.max_message_bytes))
-}
-
-/// The transport settings of the limits: at most `max_concurrent_streams`
-/// HTTP/2 streams per client connection.
-pub fn apply_transport_limits<L>(
-    builder: tonic::transport::Server<L>,
-    limits: &GatewayLimits,
-) -> tonic::transport::Server<L> {
-    builder.max_concurrent_streams(limits.max_concurrent_streams)
 }
 
 /// A token bucket over one agent stream's messages.
@@ -409,7 +388,7 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             }
         };
         Caller::may_act_as(caller.as_ref(), &header.agent_id)?;
-        validate_key(&header.key).map_err(Error::from)?;
+        validate_key(&header.key).map_err(|e| Error::from(LakeError::from(e)))?;
         if header.size > self.max_upload_bytes {
             return Err(Error::TooLarge(format!(
                 "object {} is {} bytes, above the limit of {} bytes",
@@ -736,12 +715,13 @@ sources:
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let serve = apply_transport_limits(tonic::transport::Server::builder(), &limits)
-            .add_service(gateway.into_service(&limits))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
-                let stop = stop.clone();
-                async move { stop.cancelled().await }
-            });
+        let serve =
+            crate::transport::apply_transport_limits(tonic::transport::Server::builder(), &limits)
+                .add_service(gateway.into_service(&limits))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+                    let stop = stop.clone();
+                    async move { stop.cancelled().await }
+                });
         tokio::spawn(serve);
         let tasks = items
             .iter()

@@ -1,6 +1,8 @@
 //! The lake: where objects live. Owns the `Lake` trait every backend
-//! implements, object metadata, and key validation. Only the server writes the
-//! lake, and every write becomes visible atomically or not at all.
+//! implements and object metadata; every key passes the model's key rules
+//! (re-exported here for the lake's users) before it touches a backend. Only
+//! the server writes the lake, and every write becomes visible atomically or
+//! not at all.
 
 pub mod inventory;
 mod local;
@@ -13,10 +15,8 @@ use async_trait::async_trait;
 pub use local::{LocalDir, LocalLake, stale_temp_age};
 pub use s3::{S3Bucket, S3Lake, SWEEP_INTERVAL};
 
-use crate::model::UnixMs;
-
-/// The longest object key accepted, in bytes.
-pub const MAX_KEY_LEN: usize = 1024;
+use crate::model::{InvalidKey, UnixMs};
+pub use crate::model::{MAX_KEY_LEN, validate_key};
 
 /// What the lake knows about one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,72 +142,14 @@ pub async fn list_all(lake: &dyn Lake, prefix: &str) -> Result<Vec<ObjectMeta>, 
     Ok(out)
 }
 
+impl From<InvalidKey> for LakeError {
+    fn from(e: InvalidKey) -> Self {
+        LakeError::InvalidKey {
+            key: e.key,
+            reason: e.reason,
+        }
+    }
+}
+
 /// A shared lake handle.
 pub type SharedLake = Arc<dyn Lake>;
-
-/// Checks that `key` is a safe, normalized relative key: non-empty, at most
-/// [`MAX_KEY_LEN`] bytes, no leading `/`, no backslash, no control characters,
-/// no empty, `.` or `..` segments.
-pub fn validate_key(key: &str) -> Result<(), LakeError> {
-    let invalid = |reason| {
-        Err(LakeError::InvalidKey {
-            key: key.chars().take(200).collect(),
-            reason,
-        })
-    };
-    if key.is_empty() {
-        return invalid("empty");
-    }
-    if key.len() > MAX_KEY_LEN {
-        return invalid("longer than 1024 bytes");
-    }
-    if key.starts_with('/') {
-        return invalid("starts with '/'");
-    }
-    if key.contains('\\') {
-        return invalid("contains a backslash");
-    }
-    if key.chars().any(char::is_control) {
-        return invalid("contains a control character");
-    }
-    for segment in key.split('/') {
-        match segment {
-            "" => return invalid("contains an empty path segment"),
-            "." | ".." => return invalid("contains a '.' or '..' segment"),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn validate_key_accepts_normal_keys() {
-        for key in ["a", "nba/schedule/20241022.json", "x/y.z/..a/b..", "a b/c"] {
-            assert!(validate_key(key).is_ok(), "{key}");
-        }
-    }
-
-    #[test]
-    fn validate_key_refuses_hostile_keys() {
-        let long = "a".repeat(MAX_KEY_LEN + 1);
-        for key in [
-            "",
-            "/etc/passwd",
-            "../etc/passwd",
-            "a/../../b",
-            "a/./b",
-            "a//b",
-            "a/",
-            "a\\b",
-            "a\nb",
-            "a\0b",
-            long.as_str(),
-        ] {
-            assert!(validate_key(key).is_err(), "{key:?} was accepted");
-        }
-    }
-}

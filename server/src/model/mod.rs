@@ -1,5 +1,17 @@
 //! Domain types shared across the server: ids, priorities, task states, gap
-//! reasons and partitions, with their one conversion to and from wire types.
+//! reasons and partitions, with their one conversion to and from wire types;
+//! the rules for object keys ([`key`]) and partition values ([`value`]).
+//!
+//! The lowest layer of the server: it imports no other module of the crate.
+
+mod key;
+mod value;
+
+pub use key::{InvalidKey, MAX_KEY_LEN, validate_key};
+pub use value::{
+    MAX_VALUE_LEN, SPECIAL_VARS, VAR_ATTEMPT, VAR_CONFIG_DIR, VAR_OUT, VAR_SOURCE, VAR_TASK_ID,
+    is_valid_value,
+};
 
 use std::fmt;
 
