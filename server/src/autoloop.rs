@@ -15,8 +15,8 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::logs::Event;
 use crate::model::{UnixMs, now_ms};
-use crate::reconciler::Reconciler;
-pub use crate::reconciler::{CoverageReport, ReconcileProgress, ReconcileSummary};
+use crate::reconcile::Reconciler;
+pub use crate::reconcile::{CoverageReport, ReconcileProgress, ReconcileSummary};
 use crate::scheduler::Handle;
 
 /// The loop's settings (config `loop`).

@@ -23,7 +23,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::limits::GroupSnapshot;
 use crate::model::{Priority, TaskState};
-use crate::reconcile::Coverage;
+use crate::reconcile::plan::Coverage;
 
 /// The path the metrics are served on.
 pub const METRICS_PATH: &str = "/metrics";

@@ -24,7 +24,7 @@ use crate::health::{Alerts, COMPONENTS};
 use crate::lake::{LocalLake, S3Lake, SharedLake};
 use crate::logs::{Event, LogBus};
 use crate::metrics::Metrics;
-use crate::reconciler::{InventorySource, Reconciler};
+use crate::reconcile::{InventorySource, Reconciler};
 use crate::reload::Reloader;
 use crate::scheduler::{self, SchedulerOptions};
 use crate::store::{self, Readers};

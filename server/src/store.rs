@@ -423,13 +423,13 @@ pub fn active_after(conn: &Connection, after: TaskId, limit: usize) -> Result<Ve
 
 /// The queue as planning sees it: every task that blocks planning a new one
 /// for its partition (active, dead, cancelled, unavailable).
-pub fn queue_view(conn: &Connection) -> Result<crate::reconcile::QueueView> {
-    use crate::reconcile::QueueEntry;
+pub fn queue_view(conn: &Connection) -> Result<crate::reconcile::plan::QueueView> {
+    use crate::reconcile::plan::QueueEntry;
     let mut stmt = conn.prepare(
         "SELECT source, partition_key, state, ready_at FROM tasks WHERE state != 'done'",
     )?;
     let mut rows = stmt.query([])?;
-    let mut view = crate::reconcile::QueueView::new();
+    let mut view = crate::reconcile::plan::QueueView::new();
     while let Some(row) = rows.next()? {
         let state: String = row.get(2)?;
         let entry = match TaskState::parse(&state) {

@@ -18,7 +18,7 @@ use adce_server::config::Config;
 use adce_server::limits::GroupSnapshot;
 use adce_server::metrics::Metrics;
 use adce_server::model::{Priority, TaskState};
-use adce_server::reconcile::Coverage;
+use adce_server::reconcile::plan::Coverage;
 use adce_server::transport::metrics::{CONTENT_TYPE_OPENMETRICS, serve};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

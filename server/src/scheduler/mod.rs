@@ -51,9 +51,10 @@ use std::time::Duration;
 
 use crate::catalog::ArgPiece;
 use crate::error::Error;
-use crate::model::{AgentId, GapReason, LeaseId, Partition, Priority, TaskId, UnixMs};
+use crate::model::{AgentId, LeaseId, Partition, Priority, TaskId, UnixMs};
 
 pub use crate::logs::OutputStream;
+pub use crate::reconcile::plan::PlannedTask;
 pub use handle::{CatalogCell, Handle};
 pub use run::spawn;
 pub use verdict::{ObjectCheck, Outcome};
@@ -213,44 +214,6 @@ pub struct LeaseInfo {
     pub expected_keys: Vec<String>,
     /// Objects smaller than this are invalid.
     pub min_bytes: u64,
-}
-
-/// A task the reconciler wants to exist. Its partition and keys travel in
-/// their stored form only: encoded by whoever plans it (on its own thread),
-/// and decoded by the scheduler only for the few tasks it keeps in memory.
-#[derive(Debug, Clone)]
-pub struct PlannedTask {
-    /// Its source.
-    pub source: String,
-    /// Its scraper.
-    pub scraper: String,
-    /// Its priority.
-    pub priority: Priority,
-    /// Why.
-    pub reason: GapReason,
-    /// Its partition and the keys it must produce, as stored.
-    pub encoded: crate::store::Encoded,
-}
-
-impl PlannedTask {
-    /// The task of `source`'s `partition` (run by `scraper`), which must
-    /// produce `keys`.
-    pub fn new(
-        source: impl Into<String>,
-        scraper: impl Into<String>,
-        partition: &Partition,
-        priority: Priority,
-        reason: GapReason,
-        keys: &[String],
-    ) -> Self {
-        PlannedTask {
-            encoded: crate::store::Encoded::new(partition, keys),
-            source: source.into(),
-            scraper: scraper.into(),
-            priority,
-            reason,
-        }
-    }
 }
 
 /// Queue numbers the loop and status need.

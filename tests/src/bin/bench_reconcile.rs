@@ -22,9 +22,9 @@ use adce_server::catalog::Catalog;
 use adce_server::config::{Config, InventoryConfig};
 use adce_server::lake::inventory::{self, testing::ReportBuilder};
 use adce_server::lake::{LocalDir, ObjectMeta};
-use adce_server::observed::{ObservedIndex, ObservedObject};
-use adce_server::reconcile::QueueView;
-use adce_server::reconciler::{fold_pages, plan_catalog};
+use adce_server::reconcile::fold_pages;
+use adce_server::reconcile::observed::{ObservedIndex, ObservedObject};
+use adce_server::reconcile::plan::{QueueView, plan_catalog};
 use anyhow::{Context, bail};
 
 const DAYS: usize = 1000;

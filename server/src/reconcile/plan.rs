@@ -2,20 +2,24 @@
 //! partition one at a time (so millions of them are never held at once),
 //! compares each with what the lake HAS ([`ObservedIndex`]) and what the queue
 //! already holds, and yields the gaps with reasons, the tasks they need and
-//! coverage per source. `plan` is the same over a slice. No I/O: the
-//! reconciler in `autoloop` gathers the inputs and hands the upserts to the
-//! scheduler.
+//! coverage per source. `plan` is the same over a slice; [`plan_catalog`]
+//! plans a whole catalog, expanding static sources lazily and probing the
+//! index in batches; [`planned_task`] maps a gap to the task it needs, with
+//! its priority. No I/O: `crate::reconcile` gathers the inputs and hands the
+//! planned tasks to the scheduler.
 //!
 //! Architecture invariant: planning twice in a row with the upserts of the
 //! first applied yields no upserts (reconcile never fights the queue).
+//! `plan_catalog` and `plan` agree on the same inputs (property test).
 
 use std::collections::HashMap;
 
 use chrono::NaiveDate;
 
+use super::observed::{ObservedIndex, ObservedObject};
+use crate::catalog::{Catalog, ExpectedPartition};
 pub use crate::config::Refresh;
 use crate::model::{GapReason, Partition, Priority, UnixMs, Value};
-pub use crate::observed::{ObservedIndex, ObservedObject};
 
 /// What planning needs to know about a source.
 #[derive(Debug, Clone)]
@@ -406,6 +410,185 @@ pub fn nth_partition(generators: &[(String, Vec<Value>)], mut n: u64) -> Partiti
     Partition { vars }
 }
 
+/// A task a plan wants to exist. Its partition and keys are encoded once,
+/// here on the planning thread, so the scheduler (the single writer) only
+/// writes them; it decodes them only for the few tasks it keeps in memory.
+#[derive(Debug, Clone)]
+pub struct PlannedTask {
+    /// Its source.
+    pub source: String,
+    /// Its scraper.
+    pub scraper: String,
+    /// Its priority.
+    pub priority: Priority,
+    /// Why.
+    pub reason: GapReason,
+    /// Its partition and the keys it must produce, as stored.
+    pub encoded: crate::store::Encoded,
+}
+
+impl PlannedTask {
+    /// The task of `source`'s `partition` (run by `scraper`), which must
+    /// produce `keys`.
+    pub fn new(
+        source: impl Into<String>,
+        scraper: impl Into<String>,
+        partition: &Partition,
+        priority: Priority,
+        reason: GapReason,
+        keys: &[String],
+    ) -> Self {
+        PlannedTask {
+            encoded: crate::store::Encoded::new(partition, keys),
+            source: source.into(),
+            scraper: scraper.into(),
+            priority,
+            reason,
+        }
+    }
+}
+
+/// What planning knows of each catalog source, in catalog order.
+pub fn plan_sources(catalog: &Catalog) -> Vec<PlanSource> {
+    catalog
+        .sources
+        .iter()
+        .map(|s| PlanSource {
+            name: s.name.clone(),
+            scraper: s.scraper.clone(),
+            priority: s.priority,
+            min_bytes: s.min_bytes,
+            refresh: s.refresh,
+        })
+        .collect()
+}
+
+/// Static partitions whose keys are looked up in the index together.
+const PROBE_BATCH: usize = 1024;
+
+/// Plans the whole catalog: static sources are expanded lazily, partition by
+/// partition, and their keys looked up in batches; dependent sources come
+/// expanded in `dependent`. Pure.
+pub fn plan_catalog(
+    catalog: &Catalog,
+    today: NaiveDate,
+    dependent: &[(usize, Vec<ExpectedPartition>)],
+    observed: &ObservedIndex,
+    queue: &QueueView,
+    now: UnixMs,
+) -> Plan {
+    let mut gaps = Vec::new();
+    let mut plan = plan_catalog_into(
+        catalog,
+        today,
+        dependent,
+        observed,
+        queue,
+        now,
+        Box::new(|gap| gaps.push(gap)),
+    );
+    plan.gaps = gaps;
+    plan
+}
+
+/// Like [`plan_catalog`], handing each gap to `sink` as it is found; the
+/// plan returned holds the numbers, not the gaps.
+pub fn plan_catalog_into<'a>(
+    catalog: &'a Catalog,
+    today: NaiveDate,
+    dependent: &'a [(usize, Vec<ExpectedPartition>)],
+    observed: &'a ObservedIndex,
+    queue: &'a QueueView,
+    now: UnixMs,
+    sink: GapSink<'a>,
+) -> Plan {
+    let sources = plan_sources(catalog);
+    let mut planner = Planner::with_sink(&sources, observed, queue, now, sink);
+    for (idx, source) in catalog.sources.iter().enumerate() {
+        if source.dependency().is_some() {
+            continue;
+        }
+        let generators: Vec<(String, Vec<Value>)> = source
+            .generators
+            .iter()
+            .map(|g| (g.var().to_string(), g.values(today)))
+            .collect();
+        let mut batch = ProbeBatch::default();
+        let mut number = 0u64;
+        for_each_product(&generators, |partition| {
+            // Templates were checked against the variables at load time.
+            if let Ok(keys) = source.keys(partition) {
+                batch.push(number, keys);
+            }
+            number += 1;
+            if batch.partitions.len() >= PROBE_BATCH {
+                batch.flush(&mut planner, idx, &generators);
+            }
+        });
+        batch.flush(&mut planner, idx, &generators);
+    }
+    for (idx, partitions) in dependent {
+        for exp in partitions {
+            planner.add(*idx, &exp.partition, &exp.keys);
+        }
+    }
+    planner.finish()
+}
+
+/// Partitions of one source waiting for a batch lookup: each is kept as its
+/// number in the product (decoded back when planned), with its keys.
+#[derive(Default)]
+struct ProbeBatch {
+    partitions: Vec<(u64, std::ops::Range<usize>)>,
+    keys: Vec<String>,
+    answers: Vec<Option<ObservedObject>>,
+}
+
+impl ProbeBatch {
+    fn push(&mut self, number: u64, keys: Vec<String>) {
+        let start = self.keys.len();
+        self.keys.extend(keys);
+        self.partitions.push((number, start..self.keys.len()));
+    }
+
+    fn flush(
+        &mut self,
+        planner: &mut Planner<'_>,
+        source: usize,
+        generators: &[(String, Vec<Value>)],
+    ) {
+        if self.partitions.is_empty() {
+            return;
+        }
+        let refs: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        planner.observed().get_many(&refs, &mut self.answers);
+        for (number, range) in self.partitions.drain(..) {
+            let partition = nth_partition(generators, number);
+            planner.add_probed(
+                source,
+                &partition,
+                &self.keys[range.clone()],
+                &self.answers[range],
+            );
+        }
+        self.keys.clear();
+    }
+}
+
+/// The task a gap of `catalog` needs, with its priority as of `today`.
+pub fn planned_task(catalog: &Catalog, gap: &Gap, today: NaiveDate) -> PlannedTask {
+    let source = &catalog.sources[gap.source];
+    let priority = source.priority_rules.base_for(&gap.partition, today).0;
+    PlannedTask::new(
+        source.name.clone(),
+        source.scraper.clone(),
+        &gap.partition,
+        priority,
+        gap.reason,
+        &gap.keys,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -624,5 +807,85 @@ mod tests {
         assert_eq!(n, 1);
         for_each_product(&[("a".into(), Vec::new())], |_| n += 1);
         assert_eq!(n, 1);
+    }
+}
+
+#[cfg(test)]
+mod catalog_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Config;
+
+    const CONFIG: &str = "\
+version: 1
+lake:
+  local:
+    root: lake
+scrapers:
+  s:
+    command: [\"true\"]
+sources:
+  - name: games
+    scraper: s
+    min_bytes: 10
+    partitions:
+      - dates: {start: 2024-10-20, end: 2024-10-27}
+      - values: {var: id, values: [\"a\", \"b\", \"c\"]}
+    objects: [\"games/{date:%Y%m%d}/{id}.json\", \"games/{date:%Y%m%d}/{id}.csv\"]
+  - name: seasons
+    scraper: s
+    partitions:
+      values: {var: season, values: [\"2022\", \"2023\", \"2024\"]}
+    objects: [\"seasons/{season}.json\"]
+";
+
+    proptest! {
+        /// Planning a catalog lazily, in probe batches, gives the same gaps
+        /// and coverage as planning its expanded partitions one by one,
+        /// whatever the lake holds and the queue says.
+        #[test]
+        fn plan_catalog_agrees_with_plan(
+            lake in prop::collection::vec(0u8..4, 75),
+            queue in prop::collection::vec(0u8..6, 27),
+        ) {
+            let cfg = Config::parse(CONFIG, std::path::Path::new("adce.yaml")).unwrap();
+            let catalog = Catalog::from_config(&cfg);
+            let today = NaiveDate::from_ymd_opt(2024, 11, 1).unwrap();
+            let now = 1_000_000;
+            let expanded = catalog.expand(today);
+            let keys: Vec<&String> = expanded.iter().flat_map(|e| &e.keys).collect();
+            prop_assert_eq!(keys.len(), 3 * 8 * 2 + 3);
+            // Each key: absent, too small, or present (twice as likely).
+            let mut observed = ObservedIndex::default();
+            for (key, what) in keys.iter().zip(&lake) {
+                let size = match what {
+                    0 => continue,
+                    1 => 1,
+                    _ => 100,
+                };
+                observed.insert(key, ObservedObject { size, modified_ms: 1 });
+            }
+            let mut view = QueueView::new();
+            for (exp, what) in expanded.iter().zip(&queue) {
+                let entry = match what {
+                    0 => QueueEntry::Active,
+                    1 => QueueEntry::Dead,
+                    2 => QueueEntry::Unavailable { recheck_at: now + 1 },
+                    3 => QueueEntry::Unavailable { recheck_at: now - 1 },
+                    _ => continue,
+                };
+                view.insert(&catalog.sources[exp.source].name, &exp.partition.key(), entry);
+            }
+            let lazily = plan_catalog(&catalog, today, &[], &observed, &view, now);
+            let expected: Vec<Expected> = expanded
+                .into_iter()
+                .map(|e| Expected { source: e.source, partition: e.partition, keys: e.keys })
+                .collect();
+            let eagerly = plan(&plan_sources(&catalog), &expected, &observed, &view, now);
+            prop_assert_eq!(&lazily.gaps, &eagerly.gaps);
+            prop_assert_eq!(&lazily.coverage, &eagerly.coverage);
+            prop_assert_eq!(lazily.gap_count, eagerly.gap_count);
+        }
     }
 }
