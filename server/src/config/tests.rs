@@ -344,7 +344,7 @@ fn object_templates_must_match_the_partitions() {
         &src,
         "\"/abs/b.json\"",
         0,
-        &["must not start or end with `/`"],
+        &["the lake refuses: it starts with `/`"],
     );
     let src = with_source("  - name: b\n    scraper: s\n    objects: [\"b/../../etc\"]\n");
     assert_err_at(&src, "\"b/../../etc\"", 0, &["`..`"]);
@@ -997,7 +997,7 @@ fn parent_templates_must_match_back() {
         &src,
         "\"/sched/{date}.json\"",
         0,
-        &["must not start or end with `/`"],
+        &["the lake refuses: it starts with `/`"],
     );
 
     let src = dependent("{objects: \"pbp/{x}.json\", var: game_id, json: /a}", "")

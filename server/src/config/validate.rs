@@ -17,7 +17,7 @@ use super::{
     VarKind,
 };
 use crate::extract::Column;
-use crate::model::{MAX_KEY_LEN, MAX_VALUE_LEN, SPECIAL_VARS, VAR_OUT};
+use crate::model::{InvalidKey, MAX_KEY_LEN, MAX_VALUE_LEN, SPECIAL_VARS, VAR_OUT, validate_key};
 use crate::template::{Arg, Template, is_ident};
 
 /// A validation failure: where and what.
@@ -732,11 +732,11 @@ impl Validator<'_> {
                 })
             })
             .map_err(|e| self.at(&tp, format!("parent template `{shown}`: {e}")))?;
-        if let Err(why) = key_shape(&probe) {
+        if let Err(InvalidKey { reason: why, .. }) = validate_key(&probe) {
             return Err(self.at(
                 &tp,
                 format!(
-                    "parent template `{shown}` renders keys like `{}`, which {why}",
+                    "parent template `{shown}` renders keys like `{}`, which the lake refuses: it {why}",
                     excerpt(&probe)
                 ),
             ));
@@ -934,11 +934,11 @@ impl Validator<'_> {
                     format!("object key template `{}`: {e}", excerpt(t.as_str())),
                 )
             })?;
-        if let Err(why) = key_shape(&probe) {
+        if let Err(InvalidKey { reason: why, .. }) = validate_key(&probe) {
             return Err(self.at(
                 path,
                 format!(
-                    "object key template `{}` renders keys like `{}`, which {why}",
+                    "object key template `{}` renders keys like `{}`, which the lake refuses: it {why}",
                     excerpt(t.as_str()),
                     excerpt(&probe)
                 ),
@@ -1020,24 +1020,4 @@ impl Validator<'_> {
         }
         Ok(())
     }
-}
-
-/// Why `key` cannot be an object key, if it cannot.
-fn key_shape(key: &str) -> Result<(), &'static str> {
-    if key.is_empty() {
-        return Err("is empty");
-    }
-    if key.starts_with('/') || key.ends_with('/') {
-        return Err("must not start or end with `/`");
-    }
-    if key.chars().any(|c| c.is_control() || c == '\\') {
-        return Err("must not contain control characters or `\\`");
-    }
-    if key
-        .split('/')
-        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err("must not contain empty, `.` or `..` path segments");
-    }
-    Ok(())
 }

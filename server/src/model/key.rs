@@ -36,7 +36,7 @@ pub fn validate_key(key: &str) -> Result<(), InvalidKey> {
         return invalid("longer than 1024 bytes");
     }
     if key.starts_with('/') {
-        return invalid("starts with '/'");
+        return invalid("starts with `/`");
     }
     if key.contains('\\') {
         return invalid("contains a backslash");
@@ -47,7 +47,7 @@ pub fn validate_key(key: &str) -> Result<(), InvalidKey> {
     for segment in key.split('/') {
         match segment {
             "" => return invalid("contains an empty path segment"),
-            "." | ".." => return invalid("contains a '.' or '..' segment"),
+            "." | ".." => return invalid("contains a `.` or `..` segment"),
             _ => {}
         }
     }
