@@ -88,7 +88,10 @@ fn module_of(file: &Path) -> String {
         .iter()
         .map(|p| p.to_string_lossy().into_owned())
         .collect();
-    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
         parts.pop();
     }
     parts.join("::")
@@ -265,7 +268,10 @@ fn every_import_follows_the_declared_layers() {
 
 #[test]
 fn every_module_of_server_src_is_in_a_layer_and_every_layer_entry_exists() {
-    let modules: Vec<String> = rust_files(&src_dir()).iter().map(|f| module_of(f)).collect();
+    let modules: Vec<String> = rust_files(&src_dir())
+        .iter()
+        .map(|f| module_of(f))
+        .collect();
     for layer in LAYERS {
         for entry in *layer {
             assert!(
@@ -294,7 +300,10 @@ fn order_line() -> String {
 
 #[test]
 fn architecture_md_states_the_same_order() {
-    let doc = architecture().split_whitespace().collect::<Vec<_>>().join(" ");
+    let doc = architecture()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let line = order_line();
     assert!(
         doc.contains(&line),
@@ -305,7 +314,10 @@ fn architecture_md_states_the_same_order() {
 
 #[test]
 fn test_files_are_declared_under_cfg_test() {
-    for file in rust_files(&src_dir()).into_iter().filter(|f| is_test_file(f)) {
+    for file in rust_files(&src_dir())
+        .into_iter()
+        .filter(|f| is_test_file(f))
+    {
         let stem = file.file_stem().unwrap().to_string_lossy().into_owned();
         let dir = file.parent().unwrap();
         let parent = ["mod.rs", "lib.rs"]

@@ -1,8 +1,13 @@
 //! A hand-made agent for end-to-end tests: a raw `AgentGateway` client whose
 //! Connect stream and uploads the test writes message by message, so a test
 //! can do what the real agent never does (upload another lease's key, flood
-//! the stream, stop an upload half-way). It heartbeats the leases it was
-//! assigned in the background, at the harness configs' heartbeat interval.
+//! the stream, stop an upload half-way), and so a test can drive a gateway
+//! message by message ([`RawAgent::next`]). It heartbeats the leases it was
+//! assigned in the background, at the harness configs' heartbeat interval,
+//! unless it connected quiet ([`RawAgent::connect_quiet`]).
+//!
+//! This is the one fake agent of the tests that check behaviour; the dispatch
+//! benchmark (`src/bin/bench_dispatch.rs`) has its own, built for throughput.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,19 +34,22 @@ const MAX_HEARTBEATS: u32 = 1200;
 const OUTBOX: usize = 1024;
 
 /// A hand-driven agent: a Connect stream whose messages the test writes, an
-/// upload client, and a background heartbeat for the leases it was assigned.
+/// upload client, and (unless quiet) a background heartbeat for the leases
+/// it was assigned.
 pub struct RawAgent {
     id: String,
     tx: mpsc::Sender<pb::AgentMessage>,
     rx: Streaming<pb::ServerMessage>,
     client: AgentGatewayClient<Channel>,
     leases: Arc<Mutex<Vec<String>>>,
-    heartbeat: tokio::task::JoinHandle<()>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for RawAgent {
     fn drop(&mut self) {
-        self.heartbeat.abort();
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.abort();
+        }
     }
 }
 
@@ -53,8 +61,23 @@ impl std::fmt::Debug for RawAgent {
 
 impl RawAgent {
     /// Connects as `id` with `slots` and reads the Welcome; the refusal when
-    /// the server refuses the agent.
+    /// the server refuses the agent. It heartbeats from then on.
     pub async fn connect(url: &str, id: &str, slots: u32) -> Result<RawAgent, Status> {
+        RawAgent::connect_with(url, id, slots, true).await
+    }
+
+    /// Like [`RawAgent::connect`], but the agent never heartbeats: its stream
+    /// stays quiet unless the test sends, as a half-open connection's does.
+    pub async fn connect_quiet(url: &str, id: &str, slots: u32) -> Result<RawAgent, Status> {
+        RawAgent::connect_with(url, id, slots, false).await
+    }
+
+    async fn connect_with(
+        url: &str,
+        id: &str,
+        slots: u32,
+        heartbeats: bool,
+    ) -> Result<RawAgent, Status> {
         let channel = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .connect()
@@ -87,9 +110,9 @@ impl RawAgent {
             Err(_) => panic!("{id}: no Welcome within {MESSAGE_TIMEOUT:?}"),
         }
         let leases = Arc::new(Mutex::new(Vec::new()));
-        let heartbeat = tokio::spawn({
+        let heartbeat = heartbeats.then(|| {
             let (tx, leases) = (tx.clone(), leases.clone());
-            async move {
+            tokio::spawn(async move {
                 for _ in 0..MAX_HEARTBEATS {
                     tokio::time::sleep(HEARTBEAT).await;
                     let running_leases = leases.lock().map(|l| l.clone()).unwrap_or_default();
@@ -100,7 +123,7 @@ impl RawAgent {
                         return;
                     }
                 }
-            }
+            })
         });
         Ok(RawAgent {
             id: id.to_string(),
@@ -117,21 +140,36 @@ impl RawAgent {
         &self.id
     }
 
-    /// Waits for the next Assign and heartbeats its lease from then on.
+    /// The next message from the server (waited for at most
+    /// [`MESSAGE_TIMEOUT`]); `None` once the stream ended, the status when it
+    /// failed. An Assign's lease is heartbeated from then on.
+    pub async fn next(&mut self) -> Result<Option<Out>, Status> {
+        let message = match tokio::time::timeout(MESSAGE_TIMEOUT, self.rx.message()).await {
+            Ok(message) => message?,
+            Err(_) => panic!("{}: no message within {MESSAGE_TIMEOUT:?}", self.id),
+        };
+        let Some(message) = message else {
+            return Ok(None);
+        };
+        let Some(kind) = message.kind else {
+            panic!("{}: the server sent a message without a kind", self.id);
+        };
+        if let Out::Assign(assign) = &kind
+            && let Ok(mut leases) = self.leases.lock()
+        {
+            leases.push(assign.lease_id.clone());
+        }
+        Ok(Some(kind))
+    }
+
+    /// Waits for the next Assign, passing over other messages, and
+    /// heartbeats its lease from then on.
     pub async fn assign(&mut self) -> pb::Assign {
         for _ in 0..100 {
-            match tokio::time::timeout(MESSAGE_TIMEOUT, self.rx.message()).await {
-                Ok(Ok(Some(pb::ServerMessage {
-                    kind: Some(Out::Assign(assign)),
-                }))) => {
-                    if let Ok(mut leases) = self.leases.lock() {
-                        leases.push(assign.lease_id.clone());
-                    }
-                    return assign;
-                }
-                Ok(Ok(Some(_))) => {}
-                Ok(other) => panic!("{}: stream ended before an Assign: {other:?}", self.id),
-                Err(_) => panic!("{}: no Assign within {MESSAGE_TIMEOUT:?}", self.id),
+            match self.next().await {
+                Ok(Some(Out::Assign(assign))) => return assign,
+                Ok(Some(_)) => {}
+                other => panic!("{}: stream ended before an Assign: {other:?}", self.id),
             }
         }
         panic!("{}: 100 messages and no Assign", self.id);
