@@ -693,10 +693,9 @@ sources:
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse(CONFIG, &dir.path().join("adce.yaml")).unwrap();
         let catalog = Arc::new(Catalog::from_config(&cfg));
-        let conn = crate::store::open_writer(&dir.path().join("state")).unwrap();
         let metrics = crate::metrics::Metrics::new();
         let (sched, _thread) = crate::scheduler::spawn(
-            conn,
+            &dir.path().join("state"),
             catalog,
             SchedulerOptions {
                 heartbeat_interval: Duration::from_secs(1),

@@ -3,13 +3,17 @@
 //! write connection (one transaction per batch); reads use their own
 //! connections from a small pool so they never wait on the writer.
 //!
-//! The files: this one opens the connections (the writer, the [`Readers`]
-//! pool) and holds the row types reads and writes share; `schema.rs` the
-//! ordered migrations; `encode.rs` how partitions and keys are stored;
-//! `read.rs` every query; `write.rs` every statement that changes the
-//! database.
+//! The files: this one opens the connections (the [`Writer`] and the
+//! [`WriteTxn`] it hands out, the [`Readers`] pool) and holds the row types
+//! reads and writes share; `schema.rs` the ordered migrations; `encode.rs`
+//! how partitions and keys are stored; `read.rs` every query; `write.rs`
+//! every statement that changes the database.
 //!
 //! Invariants:
+//! - The scheduler actor is the only writer: every write function takes a
+//!   [`WriteTxn`], which only a [`Writer`] hands out, and only
+//!   `scheduler::spawn` opens the `Writer` ([`Writer::open`]). Readers open
+//!   the file read-only.
 //! - `PRAGMA user_version` is how many of `schema::MIGRATIONS` a state has
 //!   applied; a state from a newer adce is refused, never written.
 //! - `task_counts` holds the counts of the task table by (state, priority,
@@ -18,10 +22,11 @@
 //! - The partial index `tasks_ready` is the on-disk order of the ready queue
 //!   (scraper, base priority, ready time, id).
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, Transaction};
 
 use crate::error::{Error, Result};
 use crate::model::{AgentId, GapReason, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs};
@@ -70,28 +75,85 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Opens (creating if needed) the write connection and brings the schema up to date.
-pub fn open_writer(state_dir: &Path) -> Result<Connection> {
-    std::fs::create_dir_all(state_dir).map_err(|e| {
-        Error::Internal(format!(
-            "cannot create state dir {}: {e}",
-            state_dir.display()
-        ))
-    })?;
-    let path = state_dir.join(DB_FILE);
-    let mut conn = Connection::open(&path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // NORMAL in WAL mode survives a process crash (SIGKILL); only an OS crash
-    // or power loss can lose the last transactions.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // The writer's page cache holds the hot parts of the task indexes (a
-    // million-task queue's inserts otherwise re-read index pages).
-    // Checkpoints keep SQLite's default size: a larger one stalls the
-    // writer (and every reply behind it) for its whole fsync.
-    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-    configure(&conn)?;
-    schema::migrate(&mut conn, &path)?;
-    Ok(conn)
+/// The store's one write connection. The scheduler actor is the only
+/// writer of the store: every function that changes the database takes a
+/// [`WriteTxn`], and only a `Writer` hands one out.
+///
+/// It reads like any connection between transactions (loading the queue at
+/// start); reads inside a transaction go through the [`WriteTxn`].
+#[derive(Debug)]
+pub struct Writer {
+    conn: Connection,
+}
+
+impl Writer {
+    /// Opens (creating if needed) the write connection and brings the schema
+    /// up to date.
+    ///
+    /// Only `scheduler::spawn` calls this (and tests): whoever holds the
+    /// `Writer` is the store's one writer, and a tidy test keeps it so.
+    pub fn open(state_dir: &Path) -> Result<Writer> {
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            Error::Internal(format!(
+                "cannot create state dir {}: {e}",
+                state_dir.display()
+            ))
+        })?;
+        let path = state_dir.join(DB_FILE);
+        let mut conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode survives a process crash (SIGKILL); only an OS crash
+        // or power loss can lose the last transactions.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The writer's page cache holds the hot parts of the task indexes (a
+        // million-task queue's inserts otherwise re-read index pages).
+        // Checkpoints keep SQLite's default size: a larger one stalls the
+        // writer (and every reply behind it) for its whole fsync.
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+        configure(&conn)?;
+        schema::migrate(&mut conn, &path)?;
+        Ok(Writer { conn })
+    }
+
+    /// Begins a transaction (the scheduler's one per batch). Dropped without
+    /// [`WriteTxn::commit`], it rolls back.
+    pub fn transaction(&mut self) -> Result<WriteTxn<'_>> {
+        Ok(WriteTxn(self.conn.transaction()?))
+    }
+}
+
+impl Deref for Writer {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// A transaction on the [`Writer`]: what every write function takes. It
+/// reads like a connection too (window refills and the priority sweep read
+/// the store in the batch's transaction).
+#[derive(Debug)]
+pub struct WriteTxn<'w>(Transaction<'w>);
+
+impl WriteTxn<'_> {
+    /// Commits everything written in it.
+    pub fn commit(self) -> rusqlite::Result<()> {
+        self.0.commit()
+    }
+
+    /// Undoes everything written in it (dropping it does too).
+    pub fn rollback(self) -> rusqlite::Result<()> {
+        self.0.rollback()
+    }
+}
+
+impl Deref for WriteTxn<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.0
+    }
 }
 
 /// A small pool of read-only connections.

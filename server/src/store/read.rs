@@ -427,12 +427,12 @@ pub fn logs_after(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{insert_log, open_writer};
+    use crate::store::{Writer, insert_log};
 
     #[test]
     fn logs_tail_and_resume_by_sequence() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = open_writer(dir.path()).unwrap();
+        let mut conn = Writer::open(dir.path()).unwrap();
         let tx = conn.transaction().unwrap();
         for i in 0..10 {
             insert_log(

@@ -135,7 +135,7 @@ mod tests {
 
     use super::*;
     use crate::model::{Priority, TaskState};
-    use crate::store::{DB_FILE, open_writer, task_counts};
+    use crate::store::{DB_FILE, Writer, task_counts};
 
     #[test]
     fn an_unversioned_state_is_migrated_and_its_tasks_counted() {
@@ -154,7 +154,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let conn = open_writer(dir.path()).unwrap();
+        let conn = Writer::open(dir.path()).unwrap();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
@@ -170,20 +170,20 @@ mod tests {
         );
         drop(conn);
         // Opening again changes nothing.
-        let conn = open_writer(dir.path()).unwrap();
+        let conn = Writer::open(dir.path()).unwrap();
         assert_eq!(task_counts(&conn).unwrap().len(), 2);
     }
 
     #[test]
     fn a_state_from_a_newer_adce_is_refused_naming_both_versions() {
         let dir = tempfile::tempdir().unwrap();
-        drop(open_writer(dir.path()).unwrap());
+        drop(Writer::open(dir.path()).unwrap());
         let newer = MIGRATIONS.len() as i64 + 1;
         Connection::open(dir.path().join(DB_FILE))
             .unwrap()
             .pragma_update(None, "user_version", newer)
             .unwrap();
-        let err = open_writer(dir.path()).unwrap_err().to_string();
+        let err = Writer::open(dir.path()).unwrap_err().to_string();
         assert!(
             err.contains(&format!("schema version {newer}"))
                 && err.contains(&format!("versions up to {}", MIGRATIONS.len())),

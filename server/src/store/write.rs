@@ -2,14 +2,14 @@
 //! create-or-reopen, leases, attempts, state, priority, retry), uploads,
 //! agents, logs and their pruning, and the task counts.
 //!
-//! Invariants: every function runs inside the scheduler's batch
-//! transaction; the only decisions made here are the ones one conditional
+//! Invariants: every function takes the [`WriteTxn`] of the scheduler's
+//! batch (only the scheduler holds the `Writer` that hands one out); the only decisions made here are the ones one conditional
 //! statement makes (a plan's create-or-reopen, an operator's retry), so
 //! the scheduler's memory can follow them from what they return.
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{OptionalExtension, params};
 
-use super::{AgentRow, CountRow, Encoded, LogRow, TaskRow, exec, get_task};
+use super::{AgentRow, CountRow, Encoded, LogRow, TaskRow, WriteTxn, exec, get_task};
 use crate::error::Result;
 use crate::model::{AgentId, GapReason, LeaseId, Priority, TaskId, TaskState, UnixMs};
 
@@ -41,7 +41,7 @@ pub struct Reopened {
 
 /// The task of `source`'s partition `partition_key`, if any.
 fn task_of_partition(
-    tx: &Transaction<'_>,
+    tx: &WriteTxn<'_>,
     source: &str,
     partition_key: &str,
 ) -> Result<Option<Reopened>> {
@@ -68,7 +68,7 @@ fn task_of_partition(
 /// was before (`None`: new), or `None` when the existing task must be left
 /// alone.
 pub fn upsert_task(
-    tx: &Transaction<'_>,
+    tx: &WriteTxn<'_>,
     task: &NewTask<'_>,
     now: UnixMs,
     observed_at: UnixMs,
@@ -136,7 +136,7 @@ pub fn upsert_task(
 
 /// Records a new lease and its attempt row.
 pub fn lease_task(
-    tx: &Transaction<'_>,
+    tx: &WriteTxn<'_>,
     id: TaskId,
     attempt: u32,
     lease: &LeaseId,
@@ -174,7 +174,7 @@ pub struct AttemptEnd<'a> {
 }
 
 /// Closes an attempt row.
-pub fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd<'_>, now: UnixMs) -> Result<()> {
+pub fn end_attempt(tx: &WriteTxn<'_>, end: &AttemptEnd<'_>, now: UnixMs) -> Result<()> {
     exec(
         tx,
         "UPDATE attempts SET ended_at = ?3, exit_code = ?4, outcome = ?5, error = ?6 \
@@ -193,7 +193,7 @@ pub fn end_attempt(tx: &Transaction<'_>, end: &AttemptEnd<'_>, now: UnixMs) -> R
 
 /// Moves a task to `state`, clearing its lease; terminal states set `finished_at`.
 pub fn set_task_state(
-    tx: &Transaction<'_>,
+    tx: &WriteTxn<'_>,
     id: TaskId,
     state: TaskState,
     ready_at: UnixMs,
@@ -214,7 +214,7 @@ pub fn set_task_state(
 /// `now`, attempts reset. Returns the task as it is now with the state it
 /// had, or `None` when it is in another state (or does not exist).
 pub fn retry_task(
-    tx: &Transaction<'_>,
+    tx: &WriteTxn<'_>,
     id: TaskId,
     now: UnixMs,
 ) -> Result<Option<(TaskRow, TaskState)>> {
@@ -236,7 +236,7 @@ pub fn retry_task(
 
 /// Changes a task's priority (its rules say otherwise now).
 pub fn set_task_priority(
-    tx: &Transaction<'_>,
+    tx: &WriteTxn<'_>,
     id: TaskId,
     priority: Priority,
     now: UnixMs,
@@ -250,7 +250,7 @@ pub fn set_task_priority(
 }
 
 /// Sets a task's attempt count (an operator-cancelled attempt is not counted).
-pub fn set_task_attempts(tx: &Transaction<'_>, id: TaskId, attempts: u32) -> Result<()> {
+pub fn set_task_attempts(tx: &WriteTxn<'_>, id: TaskId, attempts: u32) -> Result<()> {
     exec(
         tx,
         "UPDATE tasks SET attempts = ?2 WHERE id = ?1",
@@ -262,7 +262,7 @@ pub fn set_task_attempts(tx: &Transaction<'_>, id: TaskId, attempts: u32) -> Res
 /// Records an upload.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_upload(
-    tx: &Transaction<'_>,
+    tx: &WriteTxn<'_>,
     task: TaskId,
     attempt: u32,
     lease: &LeaseId,
@@ -289,7 +289,7 @@ pub fn insert_upload(
 }
 
 /// Inserts or updates an agent.
-pub fn upsert_agent(tx: &Transaction<'_>, agent: &AgentRow) -> Result<()> {
+pub fn upsert_agent(tx: &WriteTxn<'_>, agent: &AgentRow) -> Result<()> {
     let labels = serde_json::to_string(&agent.labels).unwrap_or_else(|_| "{}".into());
     exec(
         tx,
@@ -314,7 +314,7 @@ pub fn upsert_agent(tx: &Transaction<'_>, agent: &AgentRow) -> Result<()> {
 }
 
 /// Updates an agent's last-seen time.
-pub fn touch_agent(tx: &Transaction<'_>, id: &AgentId, now: UnixMs) -> Result<()> {
+pub fn touch_agent(tx: &WriteTxn<'_>, id: &AgentId, now: UnixMs) -> Result<()> {
     exec(
         tx,
         "UPDATE agents SET last_seen = ?2 WHERE id = ?1",
@@ -324,7 +324,7 @@ pub fn touch_agent(tx: &Transaction<'_>, id: &AgentId, now: UnixMs) -> Result<()
 }
 
 /// Inserts a log entry and returns its sequence number.
-pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
+pub fn insert_log(tx: &WriteTxn<'_>, row: &LogRow) -> Result<u64> {
     exec(
         tx,
         "INSERT INTO logs (at, level, task_id, agent_id, source, stream, message) \
@@ -346,7 +346,7 @@ pub fn insert_log(tx: &Transaction<'_>, row: &LogRow) -> Result<u64> {
 /// `keep_rows`; returns how many were deleted. Sequence numbers are never
 /// reused (AUTOINCREMENT), so followers resuming after a pruned entry still
 /// get what comes next.
-pub fn prune_logs(tx: &Transaction<'_>, before: UnixMs, keep_rows: u64) -> Result<u64> {
+pub fn prune_logs(tx: &WriteTxn<'_>, before: UnixMs, keep_rows: u64) -> Result<u64> {
     let by_age = exec(tx, "DELETE FROM logs WHERE at < ?1", params![before])?;
     let keep = i64::try_from(keep_rows).unwrap_or(i64::MAX);
     let by_size = exec(
@@ -358,7 +358,7 @@ pub fn prune_logs(tx: &Transaction<'_>, before: UnixMs, keep_rows: u64) -> Resul
 }
 
 /// Sets the counts of the given (state, priority, source, scraper) keys.
-pub fn set_counts(tx: &Transaction<'_>, counts: &[CountRow]) -> Result<()> {
+pub fn set_counts(tx: &WriteTxn<'_>, counts: &[CountRow]) -> Result<()> {
     for (state, priority, source, scraper, n) in counts {
         exec(
             tx,
@@ -380,7 +380,7 @@ pub fn set_counts(tx: &Transaction<'_>, counts: &[CountRow]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::model::{Partition, Value};
-    use crate::store::{LogFilter, logs_after, open_writer};
+    use crate::store::{LogFilter, Writer, logs_after};
 
     fn partition(id: &str) -> Partition {
         Partition {
@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn upsert_creates_once_and_reopens_only_old_done_tasks() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = open_writer(dir.path()).unwrap();
+        let mut conn = Writer::open(dir.path()).unwrap();
         let p = partition("1");
         let keys = vec!["k/1".to_string()];
         let encoded = Encoded::new(&p, &keys);
@@ -436,7 +436,7 @@ mod tests {
     #[test]
     fn pruning_keeps_the_newest_rows_and_drops_old_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = open_writer(dir.path()).unwrap();
+        let mut conn = Writer::open(dir.path()).unwrap();
         let tx = conn.transaction().unwrap();
         for i in 0..100 {
             insert_log(
