@@ -134,8 +134,139 @@ mod tests {
     use rusqlite::params;
 
     use super::*;
-    use crate::model::{Priority, TaskState};
-    use crate::store::{DB_FILE, Writer, task_counts};
+    use crate::model::{AgentId, LeaseId, Priority, TaskId, TaskState, Value};
+    use crate::store::{
+        DB_FILE, LogFilter, TaskFilter, Writer, attempts, get_task, list_tasks, load_leased,
+        log_tail, pending_after, recent_agents, task_counts,
+    };
+
+    /// A version 2 state from a real run (`tests/fixtures/state-v2.sql`
+    /// says how it was made).
+    const STATE_V2: &str = include_str!("../../tests/fixtures/state-v2.sql");
+
+    /// A state directory written by the version 2 schema opens, through the
+    /// normal open path, with every task, count, attempt, lease and log entry
+    /// it had. A schema change must add a migration (never edit a released
+    /// one) and keep this fixture loading: the fixture is never regenerated
+    /// to follow the schema, it is what states in the field look like.
+    #[test]
+    fn a_version_2_state_opens_with_every_task() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(STATE_V2).unwrap();
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, 2, "the fixture is a version 2 state");
+        }
+        let conn = Writer::open(dir.path()).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+
+        // Every task, in its state, with its attempts.
+        let (rows, total) = list_tasks(
+            &conn,
+            &TaskFilter {
+                limit: 100,
+                ..TaskFilter::default()
+            },
+        )
+        .unwrap();
+        let mut tasks: Vec<(i64, &str, TaskState, u32)> = rows
+            .iter()
+            .map(|r| (r.id.0, r.source.as_str(), r.state, r.attempts))
+            .collect();
+        tasks.sort();
+        use TaskState::{Dead, Done, Leased, Pending};
+        assert_eq!(
+            tasks,
+            [
+                (1, "boxscore", Done, 1),
+                (2, "boxscore", Done, 1),
+                (3, "boxscore", Done, 1),
+                (4, "flaky", Dead, 2),
+                (5, "slow", Leased, 1),
+                (6, "daily", Done, 1),
+                (7, "daily", Pending, 0),
+                (8, "daily", Pending, 0),
+                (9, "daily", Pending, 0),
+                (10, "daily", Pending, 0),
+            ]
+        );
+        assert_eq!(total, 10);
+
+        // The counts status reads, as the scheduler kept them.
+        let mut counts = task_counts(&conn).unwrap();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                (Pending, Priority::Low, 4),
+                (Leased, Priority::Critical, 1),
+                (Done, Priority::Low, 1),
+                (Done, Priority::High, 3),
+                (Dead, Priority::Medium, 1),
+            ]
+        );
+
+        // Partitions and keys decode; the dead task's attempts and error
+        // are there; the leased task keeps its lease for re-attaching.
+        let day = get_task(&conn, TaskId(6)).unwrap().unwrap();
+        assert_eq!(
+            day.partition.vars,
+            [(
+                "date".to_string(),
+                Value::Date(chrono::NaiveDate::from_ymd_opt(2024, 10, 22).unwrap())
+            )]
+        );
+        assert_eq!(day.expected_keys, ["days/2024-10-22.json"]);
+        let dead = get_task(&conn, TaskId(4)).unwrap().unwrap();
+        assert!(
+            dead.last_error.contains("exit code 1"),
+            "{}",
+            dead.last_error
+        );
+        let tries = attempts(&conn, TaskId(4)).unwrap();
+        assert_eq!(
+            tries
+                .iter()
+                .map(|a| (a.number, a.exit_code, a.outcome.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, Some(1), "failed"), (2, Some(1), "failed")]
+        );
+        let leased = load_leased(&conn).unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(
+            leased[0].lease,
+            Some((
+                LeaseId("l-c776b9bf4c41ca8d".into()),
+                AgentId("dev-vm".into())
+            ))
+        );
+
+        // The ready queue refills from the pending tasks in order.
+        let pending = pending_after(&conn, "trickles", Priority::Low, None, 10).unwrap();
+        assert_eq!(
+            pending.iter().map(|r| r.id.0).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+
+        // The agent and the log entries.
+        let agents = recent_agents(&conn, 0).unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].id, AgentId("dev-vm".into()));
+        let logs = log_tail(&conn, &LogFilter::default(), 100).unwrap();
+        assert_eq!(logs.len(), 24);
+        assert_eq!(logs[23].seq, 24);
+        assert!(
+            logs[23].message.starts_with("task dead after 2 attempts"),
+            "{}",
+            logs[23].message
+        );
+    }
 
     #[test]
     fn an_unversioned_state_is_migrated_and_its_tasks_counted() {
