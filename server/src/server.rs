@@ -175,7 +175,6 @@ pub async fn run(
     let (lake, inventory) = open_lake(&config).await?;
     let lake_name = lake.describe();
     let state_dir = config.server.state_dir.clone();
-    let conn = store::open_writer(&state_dir)?;
     let readers = Arc::new(Readers::new(&state_dir));
     let logs = LogBus::default();
     let metrics = Metrics::new();
@@ -187,7 +186,7 @@ pub async fn run(
         None => None,
     };
     let (sched, sched_thread) = scheduler::spawn(
-        conn,
+        &state_dir,
         catalog.clone(),
         SchedulerOptions {
             heartbeat_interval: config.server.heartbeat_interval,

@@ -75,10 +75,9 @@ async fn bench(limits: GatewayLimits, items: &[&str]) -> Bench {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::parse(CONFIG, &dir.path().join("adce.yaml")).unwrap();
     let catalog = Arc::new(Catalog::from_config(&cfg));
-    let conn = store::open_writer(&dir.path().join("state")).unwrap();
     let metrics = Metrics::new();
     let (sched, _thread) = adce_server::scheduler::spawn(
-        conn,
+        &dir.path().join("state"),
         catalog,
         SchedulerOptions {
             heartbeat_interval: Duration::from_secs(1),

@@ -11,13 +11,11 @@
 
 use std::sync::Arc;
 
-use rusqlite::Transaction;
-
 use super::{AgentTx, ToAgent};
 use crate::error::Result;
 use crate::logs::LogBus;
 use crate::model::{AgentId, LeaseId, Priority, TaskId, TaskState, UnixMs};
-use crate::store::{self, AgentRow, AttemptEnd, CountRow, LogRow};
+use crate::store::{self, AgentRow, AttemptEnd, CountRow, LogRow, WriteTxn};
 
 /// One change to the store.
 #[derive(Debug, Clone)]
@@ -115,7 +113,7 @@ impl Effects {
     }
 
     /// Applies the writes decided so far inside `tx`.
-    pub fn apply(&mut self, tx: &Transaction<'_>) -> Result<()> {
+    pub fn apply(&mut self, tx: &WriteTxn<'_>) -> Result<()> {
         for write in self.writes.drain(..) {
             match write {
                 Write::Lease {

@@ -148,7 +148,7 @@ struct ModelAgent {
 struct Harness {
     _dir: tempfile::TempDir,
     state_dir: std::path::PathBuf,
-    conn: Connection,
+    conn: store::Writer,
     state: State,
     catalog: Arc<Catalog>,
     now: UnixMs,
@@ -209,7 +209,7 @@ impl Harness {
         let cfg = Config::parse(config, &dir.path().join("adce.yaml")).unwrap();
         let catalog = Arc::new(Catalog::from_config(&cfg));
         let state_dir = dir.path().join("state");
-        let conn = store::open_writer(&state_dir).unwrap();
+        let conn = store::Writer::open(&state_dir).unwrap();
         let state = fresh_state(&conn, &catalog, now, 1, SMALL_WINDOW);
         Harness {
             _dir: dir,
@@ -470,7 +470,7 @@ impl Harness {
                 for agent in &mut self.agents {
                     agent.rx = None;
                 }
-                let conn = store::open_writer(&self.state_dir).unwrap();
+                let conn = store::Writer::open(&self.state_dir).unwrap();
                 self.conn = conn;
                 self.restarts += 1;
                 self.state = fresh_state(
@@ -680,7 +680,7 @@ proptest! {
 /// Every pending task in dispatch order at `now`, for an agent that may run
 /// every scraper, refilling windows from the store as they run low; the
 /// store is left as it was.
-fn drain_order(state: &mut State, conn: &mut Connection, now: UnixMs) -> Vec<TaskId> {
+fn drain_order(state: &mut State, conn: &mut store::Writer, now: UnixMs) -> Vec<TaskId> {
     let names: Vec<String> = state.catalog.scrapers.keys().cloned().collect();
     let scrapers: Vec<Arc<str>> = names.iter().map(|s| state.intern(s)).collect();
     let txn = conn.transaction().unwrap();
@@ -760,7 +760,7 @@ fn the_queue_order_after_a_restart_equals_the_order_before() {
     assert_eq!(before, expected);
 
     // A restart: a new state reopened from the store.
-    let mut conn = store::open_writer(&h.state_dir).unwrap();
+    let mut conn = store::Writer::open(&h.state_dir).unwrap();
     let mut restarted = fresh_state(&conn, &h.catalog, now, 99, super::queue::WINDOW);
     let after = drain_order(&mut restarted, &mut conn, now);
     assert_eq!(after, before);

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use rusqlite::Transaction;
 use tracing::info;
 
 use super::RetrySelection;
@@ -14,14 +13,14 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::logs::Event;
 use crate::model::{Priority, TaskId, TaskState, UnixMs, utc_date};
-use crate::store::{self, TaskRow};
+use crate::store::{self, TaskRow, WriteTxn};
 
 impl State {
     /// Puts the selected terminal tasks back in the queue: the ids retried,
     /// and why the others were skipped.
     pub(super) fn retry(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &WriteTxn<'_>,
         fx: &mut Effects,
         which: RetrySelection,
         now: UnixMs,
@@ -83,7 +82,7 @@ impl State {
     /// agent. Its state before.
     pub(super) fn cancel(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &WriteTxn<'_>,
         fx: &mut Effects,
         id: TaskId,
         reason: &str,
@@ -204,7 +203,7 @@ impl State {
     /// re-applied to every active task.
     pub(super) fn reload(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &WriteTxn<'_>,
         fx: &mut Effects,
         catalog: Arc<Catalog>,
         now: UnixMs,
@@ -253,7 +252,7 @@ impl State {
     /// one goes on or none runs.
     pub(super) fn sweep_priorities(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &WriteTxn<'_>,
         fx: &mut Effects,
         now: UnixMs,
         budget: usize,

@@ -2,20 +2,18 @@
 //! or reopened when the store allows). Reconcile never fights the queue: a
 //! partition with an active task gets no second one (the store refuses it).
 
-use rusqlite::Transaction;
-
 use super::PlannedTask;
 use super::state::{Active, State};
 use crate::error::{Error, Result};
 use crate::model::{TaskState, UnixMs};
-use crate::store::{self, NewTask};
+use crate::store::{self, NewTask, WriteTxn};
 
 impl State {
     /// Creates or reopens a task for each planned gap whose partition has no
     /// active task; how many were.
     pub(super) fn apply_plan(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &WriteTxn<'_>,
         tasks: Vec<PlannedTask>,
         observed_at: UnixMs,
         now: UnixMs,

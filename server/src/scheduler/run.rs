@@ -5,6 +5,7 @@
 //! releasing replies, assignments and log entries (group commit). The clock
 //! is read here, once per command, and passed in.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -37,13 +38,15 @@ const MAX_DISPATCH_ROUNDS: usize = 16;
 /// runs.
 const SWEEP_PER_TICK: usize = 2_000;
 
-/// Loads the queue from the store and starts the scheduler thread.
+/// Opens the store in `state_dir` (its one writer), loads the queue from it
+/// and starts the scheduler thread.
 pub fn spawn(
-    conn: Connection,
+    state_dir: &Path,
     catalog: Arc<Catalog>,
     opts: SchedulerOptions,
     logs: LogBus,
 ) -> Result<(Handle, std::thread::JoinHandle<Result<()>>)> {
+    let conn = store::Writer::open(state_dir)?;
     let cell = CatalogCell::new(catalog.clone());
     let now = now_ms();
     let mut state = State::new(
@@ -104,7 +107,7 @@ pub(super) fn load(conn: &Connection, state: &mut State, now: UnixMs) -> Result<
 }
 
 fn run(
-    mut conn: Connection,
+    mut conn: store::Writer,
     mut state: State,
     logs: LogBus,
     rx: mpsc::Receiver<Command>,
@@ -156,7 +159,7 @@ impl State {
     /// other error is the caller's answer.
     pub(super) fn handle(
         &mut self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &store::WriteTxn<'_>,
         fx: &mut Effects,
         cmd: Command,
         now: UnixMs,
@@ -316,7 +319,7 @@ impl State {
     /// actor is stopping); then the counts the batch changed are written.
     pub(super) fn end_batch(
         &mut self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &store::WriteTxn<'_>,
         fx: &mut Effects,
         now: UnixMs,
         dispatch: bool,
@@ -338,7 +341,7 @@ impl State {
     /// chunk of the priority sweep (started when the day changes).
     pub(super) fn tick(
         &mut self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &store::WriteTxn<'_>,
         fx: &mut Effects,
         now: UnixMs,
     ) -> Result<()> {
