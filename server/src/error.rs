@@ -1,6 +1,7 @@
 //! The server's one error type and its single mapping to `tonic::Status`.
 
 use crate::lake::LakeError;
+use crate::model::CorruptPartition;
 
 /// Everything that can go wrong inside the server library.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,12 @@ pub enum Error {
     /// Anything else, with context.
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<CorruptPartition> for Error {
+    fn from(e: CorruptPartition) -> Self {
+        Error::Internal(e.to_string())
+    }
 }
 
 /// A result with the server's error.

@@ -1,12 +1,15 @@
 //! Domain types shared across the server: ids, priorities, task states, gap
 //! reasons and partitions, with their one conversion to and from wire types;
-//! the rules for object keys ([`key`]) and partition values ([`value`]).
+//! the rules for object keys ([`key`]) and partition values ([`value`]), and
+//! the stored form of partitions and keys ([`encode`]).
 //!
 //! The lowest layer of the server: it imports no other module of the crate.
 
+mod encode;
 mod key;
 mod value;
 
+pub use encode::{CorruptPartition, Encoded, partition_from_json, partition_to_json};
 pub use key::{InvalidKey, MAX_KEY_LEN, validate_key};
 pub use value::{
     MAX_VALUE_LEN, SPECIAL_VARS, VAR_ATTEMPT, VAR_CONFIG_DIR, VAR_OUT, VAR_SOURCE, VAR_TASK_ID,

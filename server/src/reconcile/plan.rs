@@ -19,7 +19,7 @@ use chrono::NaiveDate;
 use super::observed::{ObservedIndex, ObservedObject};
 use crate::catalog::{Catalog, ExpectedPartition};
 pub use crate::config::Refresh;
-use crate::model::{GapReason, Partition, Priority, UnixMs, Value};
+use crate::model::{Encoded, GapReason, Partition, Priority, UnixMs, Value};
 
 /// What planning needs to know about a source.
 #[derive(Debug, Clone)]
@@ -424,7 +424,7 @@ pub struct PlannedTask {
     /// Why.
     pub reason: GapReason,
     /// Its partition and the keys it must produce, as stored.
-    pub encoded: crate::store::Encoded,
+    pub encoded: Encoded,
 }
 
 impl PlannedTask {
@@ -439,7 +439,7 @@ impl PlannedTask {
         keys: &[String],
     ) -> Self {
         PlannedTask {
-            encoded: crate::store::Encoded::new(partition, keys),
+            encoded: Encoded::new(partition, keys),
             source: source.into(),
             scraper: scraper.into(),
             priority,

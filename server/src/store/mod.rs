@@ -5,9 +5,10 @@
 //!
 //! The files: this one opens the connections (the [`Writer`] and the
 //! [`WriteTxn`] it hands out, the [`Readers`] pool) and holds the row types
-//! reads and writes share; `schema.rs` the ordered migrations; `encode.rs`
-//! how partitions and keys are stored; `read.rs` every query; `write.rs`
-//! every statement that changes the database.
+//! reads and writes share; `schema.rs` the ordered migrations; `read.rs`
+//! every query; `write.rs` every statement that changes the database. How
+//! partitions and keys are encoded is the model's (`crate::model::Encoded`),
+//! since the planner encodes them below this layer.
 //!
 //! Invariants:
 //! - The scheduler actor is the only writer: every write function takes a
@@ -31,12 +32,11 @@ use rusqlite::{Connection, OpenFlags, Transaction};
 use crate::error::{Error, Result};
 use crate::model::{AgentId, GapReason, LeaseId, Partition, Priority, TaskId, TaskState, UnixMs};
 
-mod encode;
 mod read;
 mod schema;
 mod write;
 
-pub use encode::{Encoded, partition_from_json, partition_to_json};
+pub use crate::model::{Encoded, partition_from_json, partition_to_json};
 #[cfg(test)]
 pub use read::load_active;
 pub use read::{

@@ -1,12 +1,16 @@
 //! How partitions and expected keys are stored: a partition as JSON
 //! `[[name, value, "date"|"str"], ...]` beside its key (`var=value,...`), the
-//! keys as a JSON array. [`Encoded`] is built off the scheduler's thread, so
-//! the single writer only writes.
+//! keys as a JSON array. [`Encoded`] is built by the planner, off the
+//! scheduler's thread, so the single writer only writes; the store decodes.
 //!
 //! Invariant: `partition_from_json(partition_to_json(p)) == p`.
 
-use crate::error::{Error, Result};
-use crate::model::{Partition, Value};
+use super::{Partition, Value};
+
+/// A stored partition that does not decode: the state was damaged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CorruptPartition(String);
 
 /// A partition as stored: `[[name, value, "date"|"str"], ...]`.
 pub fn partition_to_json(p: &Partition) -> String {
@@ -25,15 +29,15 @@ pub fn partition_to_json(p: &Partition) -> String {
 }
 
 /// The inverse of [`partition_to_json`].
-pub fn partition_from_json(s: &str) -> Result<Partition> {
+pub fn partition_from_json(s: &str) -> Result<Partition, CorruptPartition> {
     let vars: Vec<[String; 3]> = serde_json::from_str(s)
-        .map_err(|e| Error::Internal(format!("corrupt partition {s:?}: {e}")))?;
+        .map_err(|e| CorruptPartition(format!("corrupt partition {s:?}: {e}")))?;
     let mut out = Partition::default();
     for [name, value, kind] in vars {
         let value = if kind == "date" {
             Value::Date(
                 chrono::NaiveDate::parse_from_str(&value, "%Y-%m-%d")
-                    .map_err(|e| Error::Internal(format!("corrupt date {value:?}: {e}")))?,
+                    .map_err(|e| CorruptPartition(format!("corrupt date {value:?}: {e}")))?,
             )
         } else {
             Value::Str(value)
