@@ -29,7 +29,9 @@
 //!   `csv` crate's name beside it);
 //! - `time.rs`: the LastModifiedDate timestamp parser.
 //!
-//! `testing.rs` writes reports in AWS's layout for tests.
+//! `testing.rs` writes reports in AWS's layout for tests; it is compiled for
+//! this crate's unit tests and under the `testing` feature only (see its
+//! header for who turns that on).
 
 use std::io;
 use std::sync::Arc;
@@ -48,6 +50,7 @@ mod time;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 

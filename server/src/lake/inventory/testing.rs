@@ -1,5 +1,27 @@
 //! Writes inventory reports in AWS's layout, for tests here and end-to-end
 //! tests elsewhere (which may put the objects into an S3 bucket).
+//!
+//! Compiled only for this crate's unit tests and under the `testing` cargo
+//! feature (off by default), so a `cargo build --release -p adce-server`
+//! library does not carry it. Its users get the feature from their
+//! manifests, not from flags:
+//! - adce-server's integration tests (`tests/fuzz.rs`) through a
+//!   dev-dependency of adce-server on itself with `features = ["testing"]`;
+//!   cargo applies a dev-dependency's features only when it builds tests,
+//!   benches or examples, so `cargo build --release -p adce-server` leaves
+//!   the feature off, while `cargo test -p adce-server` and
+//!   `cargo test --workspace` both build and run the fuzz targets;
+//! - adce-tests (its harness, the inventory end-to-end tests and
+//!   `bench_reconcile`) through its dependency on adce-server. Cargo unifies
+//!   features over the packages a build selects, so any build that selects
+//!   adce-tests as well (every one without `-p`) compiles this module in;
+//!   the server binary never calls it and links none of it.
+//!
+//! The alternatives were worse: `required-features` on the fuzz target would
+//! skip it silently in a plain `cargo test -p adce-server`, and moving the
+//! builder into adce-tests would leave the unit tests beside the parser
+//! without it (they are compiled as another copy of this crate, whose
+//! `InventoryConfig` and `ObjectMeta` are not adce-tests' types).
 
 use std::io::Write;
 use std::path::Path;
