@@ -186,7 +186,7 @@ pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
     let counts = TaskCounts::from_reply(&reply.tasks);
     let mut tasks = output::table(["TASKS", "TOTAL", "CRITICAL", "HIGH", "MEDIUM", "LOW"]);
     for (state, total, by_priority) in &counts.rows {
-        let mut row = vec![output::state_name(*state).to_owned(), total.to_string()];
+        let mut row = vec![state.name().to_owned(), total.to_string()];
         row.extend(by_priority.iter().map(u64::to_string));
         tasks.add_row(row);
     }

@@ -179,7 +179,7 @@ pub async fn cancel(
             })),
         )
         .await?;
-    let previous = output::state_name(reply.previous_state());
+    let previous = reply.previous_state().name();
     if json {
         output::emit_json(&serde_json::json!({
             "task_id": reply.task_id,
@@ -233,7 +233,7 @@ pub fn render_list(tasks: &[pb::TaskSummary], total: u64, now_ms: i64) -> String
 /// The state, with the running attempt's progress for leased tasks
 /// (`leased 40%`).
 fn state_with_progress(task: &pb::TaskSummary) -> String {
-    let name = output::state_name(task.state());
+    let name = task.state().name();
     if task.state() == pb::TaskState::Leased && task.progress > 0.0 {
         format!("{name} {:.0}%", task.progress * 100.0)
     } else {

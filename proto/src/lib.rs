@@ -1,9 +1,12 @@
 //! Wire types of adce's gRPC API, generated from `proto/adce/v1`: the
 //! `AgentGateway` service agents connect to and the `Control` service adcectl
 //! uses. Wire types only (conversions to domain types live in the crates that
-//! own those types), plus [`dial`]: the one way clients reach the server.
+//! own those types), plus [`dial`]: the one way clients reach the server,
+//! and the lowercase task state names every crate spells the same way
+//! (`v1::TaskState::name`).
 
 pub mod dial;
+mod names;
 
 /// Version 1 of the adce protocol.
 pub mod v1 {
