@@ -219,10 +219,25 @@ pub fn emit(text: &str) -> io::Result<()> {
 }
 
 /// Writes one JSON document, pretty-printed, to stdout.
-pub fn emit_json(value: &Value) -> io::Result<()> {
+fn emit_json(value: &Value) -> io::Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(io::Error::other)?;
     text.push('\n');
     emit(&text)
+}
+
+/// Writes a command's answer to stdout: with `--json` (`json`) the document
+/// `as_json` builds, pretty-printed; otherwise the text `as_text` renders.
+/// Only the one asked for is built.
+pub fn print(
+    json: bool,
+    as_json: impl FnOnce() -> Value,
+    as_text: impl FnOnce() -> String,
+) -> io::Result<()> {
+    if json {
+        emit_json(&as_json())
+    } else {
+        emit(&as_text())
+    }
 }
 
 /// The loop object of `status --json`, `pause --json` and `resume --json`.
