@@ -3,10 +3,14 @@
 //! uses. Wire types only (conversions to domain types live in the crates that
 //! own those types), plus [`dial`]: the one way clients reach the server,
 //! and the lowercase task state names every crate spells the same way
-//! (`v1::TaskState::name`).
+//! (`v1::TaskState::name`). With the `runtime` feature, [`runtime`]: the
+//! logging setup and systemd notifications the server and agent binaries
+//! share.
 
 pub mod dial;
 mod names;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 
 /// Version 1 of the adce protocol.
 pub mod v1 {

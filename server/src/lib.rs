@@ -17,7 +17,6 @@ pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod model;
-pub mod notify;
 pub mod observed;
 pub mod priority;
 pub mod reconcile;
