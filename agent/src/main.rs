@@ -11,13 +11,12 @@ use adce_agent::{
     AgentOptions, AllowList, BackoffPolicy, default_agent_id, default_work_dir, parse_labels,
 };
 use adce_proto::dial::DialArgs;
+use adce_proto::runtime::logging::{self, LogFormat};
+use adce_proto::runtime::notify;
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
-
-mod notify;
 
 /// Runs adce scrapers for an adce server: connects, takes assignments,
 /// uploads what the scrapers write and reports each result.
@@ -84,27 +83,6 @@ fn labels_arg(value: &str) -> Result<Labels, String> {
         .map_err(|error| error.to_string())
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// The first SIGTERM / SIGINT cancels `drain` (finish running tasks, take no
 /// new ones, exit); a second one, or SIGQUIT, cancels `shutdown` (kill the
 /// running tasks' process groups and exit); one more exits at once.
@@ -158,14 +136,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Started: tell systemd (`Type=notify`) and keep its watchdog fed while
     // the runtime runs; the agent reconnects to the server by itself.
     notify::ready();
-    notify::spawn_watchdog();
+    // The watchdog task ends with the runtime.
+    let _watchdog = notify::spawn_watchdog();
     adce_agent::run_draining(options, drain, shutdown).await?;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

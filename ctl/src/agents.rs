@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use adce_proto::v1 as pb;
-use serde_json::Value;
 
 use crate::client::Target;
 use crate::output;
@@ -17,16 +16,17 @@ pub async fn list(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
             client.list_agents(target.request(pb::ListAgentsRequest {})),
         )
         .await?;
-    if json {
-        let array: Vec<Value> = reply
-            .agents
-            .iter()
-            .map(|a| output::agent_json(a, true))
-            .collect();
-        output::emit_json(&Value::Array(array))?;
-    } else {
-        output::emit(&render(&reply.agents, output::now_unix_ms()))?;
-    }
+    output::print(
+        json,
+        || {
+            reply
+                .agents
+                .iter()
+                .map(|a| output::agent_json(a, true))
+                .collect()
+        },
+        || render(&reply.agents, output::now_unix_ms()),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -70,18 +70,22 @@ pub async fn drain(target: &Target, agent: String, json: bool) -> anyhow::Result
             client.drain_agent(target.request(pb::DrainAgentRequest { agent_id: agent })),
         )
         .await?;
-    if json {
-        output::emit_json(&serde_json::json!({
-            "agent_id": reply.agent_id,
-            "running_tasks": reply.running_tasks,
-        }))?;
-    } else {
-        output::emit(&format!(
-            "agent {} is draining: it finishes {} running tasks, then exits\n",
-            reply.agent_id,
-            reply.running_tasks.len()
-        ))?;
-    }
+    output::print(
+        json,
+        || {
+            serde_json::json!({
+                "agent_id": reply.agent_id,
+                "running_tasks": reply.running_tasks,
+            })
+        },
+        || {
+            format!(
+                "agent {} is draining: it finishes {} running tasks, then exits\n",
+                reply.agent_id,
+                reply.running_tasks.len()
+            )
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

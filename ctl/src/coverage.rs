@@ -17,11 +17,11 @@ pub async fn show(target: &Target, source: &str, json: bool) -> anyhow::Result<E
     let reply = target
         .call("coverage", client.coverage(target.request(request)))
         .await?;
-    if json {
-        output::emit_json(&output::coverage_reply_json(&reply))?;
-    } else {
-        output::emit(&render(&reply, output::now_unix_ms()))?;
-    }
+    output::print(
+        json,
+        || output::coverage_reply_json(&reply),
+        || render(&reply, output::now_unix_ms()),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

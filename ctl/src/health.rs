@@ -88,32 +88,42 @@ pub async fn check(target: &Target, names: &[String], json: bool) -> anyhow::Res
         };
         results.push((name, answer));
     }
-    if json {
-        output::emit_json(&results_json(&results))?;
+    let failed = results.iter().any(|(_, check)| check.is_failure());
+    // Why, for people: the server's active alerts.
+    let alerts = if failed && !json {
+        alert_lines(target).await
     } else {
-        let mut text = render(&results);
-        if results.iter().any(|(_, check)| check.is_failure()) {
-            // Why, from the server's active alerts (best effort).
-            if let Ok(mut control) = target.control().await {
-                if let Ok(Ok(status)) = tokio::time::timeout(
-                    target.timeout,
-                    control.status(target.request(adce_proto::v1::StatusRequest {})),
-                )
-                .await
-                {
-                    for alert in &status.get_ref().alerts {
-                        text.push_str(&format!("{}: {}\n", alert.component, alert.message));
-                    }
-                }
-            }
-        }
-        output::emit(&text)?;
-    }
-    if results.iter().any(|(_, check)| check.is_failure()) {
+        String::new()
+    };
+    output::print(
+        json,
+        || results_json(&results),
+        || render(&results) + &alerts,
+    )?;
+    if failed {
         Ok(ExitCode::FAILURE)
     } else {
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// The server's active alerts as `component: message` lines; best effort,
+/// empty when the status call fails.
+async fn alert_lines(target: &Target) -> String {
+    let mut text = String::new();
+    if let Ok(mut control) = target.control().await {
+        if let Ok(Ok(status)) = tokio::time::timeout(
+            target.timeout,
+            control.status(target.request(adce_proto::v1::StatusRequest {})),
+        )
+        .await
+        {
+            for alert in &status.get_ref().alerts {
+                text.push_str(&format!("{}: {}\n", alert.component, alert.message));
+            }
+        }
+    }
+    text
 }
 
 /// The status in a check response; an out-of-range number reads as `UNKNOWN`.

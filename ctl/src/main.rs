@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use adce_proto::v1 as pb;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use adce_proto::dial::DialArgs;
@@ -78,8 +79,8 @@ enum Command {
     /// List tasks, newest first, with optional filters.
     Tasks {
         /// Only tasks in this state.
-        #[arg(long, value_enum)]
-        state: Option<StateArg>,
+        #[arg(long, value_parser = state_arg())]
+        state: Option<pb::TaskState>,
         /// Only tasks of this priority.
         #[arg(long, value_enum)]
         priority: Option<PriorityArg>,
@@ -190,8 +191,8 @@ enum Command {
         )]
         ids: Vec<i64>,
         /// Retry every task in this state (dead, cancelled or unavailable).
-        #[arg(long, value_enum)]
-        state: Option<StateArg>,
+        #[arg(long, value_parser = state_arg())]
+        state: Option<pb::TaskState>,
         /// With --state: only tasks of this source.
         #[arg(long, value_name = "NAME", requires = "state")]
         source: Option<String>,
@@ -223,33 +224,25 @@ enum Command {
     },
 }
 
-/// A task state on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum StateArg {
-    /// Waiting for its ready time and an agent.
-    Pending,
-    /// Held by an agent under a lease.
-    Leased,
-    /// Every expected object is present.
-    Done,
-    /// Failed too many times.
-    Dead,
-    /// The data does not exist yet.
-    Unavailable,
-    /// Cancelled by an operator.
-    Cancelled,
+/// A task state on the command line: one of the server's state names
+/// (`pb::TaskState::name`), each shown in `--help` with what it means.
+fn state_arg() -> impl TypedValueParser<Value = pb::TaskState> {
+    let names =
+        pb::TaskState::ALL.map(|state| PossibleValue::new(state.name()).help(state_help(state)));
+    // The parser accepts only the names above, so the lookup cannot miss.
+    PossibleValuesParser::new(names).map(|name| pb::TaskState::from_name(&name).unwrap_or_default())
 }
 
-impl From<StateArg> for pb::TaskState {
-    fn from(s: StateArg) -> Self {
-        match s {
-            StateArg::Pending => pb::TaskState::Pending,
-            StateArg::Leased => pb::TaskState::Leased,
-            StateArg::Done => pb::TaskState::Done,
-            StateArg::Dead => pb::TaskState::Dead,
-            StateArg::Unavailable => pb::TaskState::Unavailable,
-            StateArg::Cancelled => pb::TaskState::Cancelled,
-        }
+/// What a task state means, for `--help`.
+fn state_help(state: pb::TaskState) -> &'static str {
+    match state {
+        pb::TaskState::Unspecified => "",
+        pb::TaskState::Pending => "Waiting for its ready time and an agent",
+        pb::TaskState::Leased => "Held by an agent under a lease",
+        pb::TaskState::Done => "Every expected object is present",
+        pb::TaskState::Dead => "Failed too many times",
+        pb::TaskState::Unavailable => "The data does not exist yet",
+        pb::TaskState::Cancelled => "Cancelled by an operator",
     }
 }
 
@@ -352,7 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             all,
         } => {
             let query = tasks::Query {
-                state: state.map(Into::into).unwrap_or_default(),
+                state: state.unwrap_or_default(),
                 priority: priority.map(Into::into).unwrap_or_default(),
                 source: source.unwrap_or_default(),
                 limit,
@@ -398,7 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let request = pb::RetryRequest {
                 task_ids: ids,
                 source: source.unwrap_or_default(),
-                state: state.map_or(pb::TaskState::Unspecified, Into::into) as i32,
+                state: state.unwrap_or_default() as i32,
             };
             tasks::retry(&target, request, json).await
         }
@@ -440,7 +433,7 @@ mod tests {
         assert_eq!(cli.timeout, Duration::from_millis(500));
         match cli.command {
             Command::Tasks { state, limit, .. } => {
-                assert_eq!(state, Some(StateArg::Dead));
+                assert_eq!(state, Some(pb::TaskState::Dead));
                 assert_eq!(limit, 50);
             }
             other => panic!("parsed as {other:?}"),
@@ -463,11 +456,18 @@ mod tests {
     }
 
     #[test]
+    fn state_flags_take_the_server_state_names() {
+        for state in pb::TaskState::ALL {
+            let cli = Cli::try_parse_from(["adcectl", "tasks", "--state", state.name()]);
+            match cli.map(|cli| cli.command) {
+                Ok(Command::Tasks { state: parsed, .. }) => assert_eq!(parsed, Some(state)),
+                other => panic!("--state {} parsed as {other:?}", state.name()),
+            }
+        }
+    }
+
+    #[test]
     fn cli_values_map_to_wire_enums() {
-        assert_eq!(
-            pb::TaskState::from(StateArg::Unavailable),
-            pb::TaskState::Unavailable
-        );
         assert_eq!(pb::Priority::from(PriorityArg::Low), pb::Priority::Low);
         assert_eq!(pb::LogLevel::from(LevelArg::Warn), pb::LogLevel::Warn);
     }

@@ -1,4 +1,5 @@
-//! Pure formatting shared by every command: wire enum names, times (local,
+//! Pure formatting shared by every command: wire enum names (task states
+//! are named by `adce_proto`, as the server names them), times (local,
 //! UTC and relative), truncation, tables, the JSON objects built from proto
 //! messages, and the one place that writes to stdout.
 
@@ -9,16 +10,6 @@ use adce_proto::v1 as pb;
 use chrono::{DateTime, Local, TimeZone, Utc};
 use comfy_table::{CellAlignment, Table};
 use serde_json::{Map, Value, json};
-
-/// Every task state in life-cycle order, as shown in status and accepted by `--state`.
-pub const STATES: [pb::TaskState; 6] = [
-    pb::TaskState::Pending,
-    pb::TaskState::Leased,
-    pb::TaskState::Done,
-    pb::TaskState::Dead,
-    pb::TaskState::Unavailable,
-    pb::TaskState::Cancelled,
-];
 
 /// Every priority, highest first.
 pub const PRIORITIES: [pb::Priority; 4] = [
@@ -36,19 +27,6 @@ const SECOND_MS: i64 = 1_000;
 const MINUTE_MS: i64 = 60 * SECOND_MS;
 const HOUR_MS: i64 = 60 * MINUTE_MS;
 const DAY_MS: i64 = 24 * HOUR_MS;
-
-/// The lowercase name of a task state; empty when unspecified.
-pub fn state_name(state: pb::TaskState) -> &'static str {
-    match state {
-        pb::TaskState::Unspecified => "",
-        pb::TaskState::Pending => "pending",
-        pb::TaskState::Leased => "leased",
-        pb::TaskState::Done => "done",
-        pb::TaskState::Dead => "dead",
-        pb::TaskState::Unavailable => "unavailable",
-        pb::TaskState::Cancelled => "cancelled",
-    }
-}
 
 /// The lowercase name of a priority; empty when unspecified.
 pub fn priority_name(priority: pb::Priority) -> &'static str {
@@ -241,10 +219,25 @@ pub fn emit(text: &str) -> io::Result<()> {
 }
 
 /// Writes one JSON document, pretty-printed, to stdout.
-pub fn emit_json(value: &Value) -> io::Result<()> {
+fn emit_json(value: &Value) -> io::Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(io::Error::other)?;
     text.push('\n');
     emit(&text)
+}
+
+/// Writes a command's answer to stdout: with `--json` (`json`) the document
+/// `as_json` builds, pretty-printed; otherwise the text `as_text` renders.
+/// Only the one asked for is built.
+pub fn print(
+    json: bool,
+    as_json: impl FnOnce() -> Value,
+    as_text: impl FnOnce() -> String,
+) -> io::Result<()> {
+    if json {
+        emit_json(&as_json())
+    } else {
+        emit(&as_text())
+    }
 }
 
 /// The loop object of `status --json`, `pause --json` and `resume --json`.
@@ -279,14 +272,14 @@ pub fn coverage_json(c: &pb::CoverageSummary) -> Value {
 /// priority present, zero when the reply leaves them out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskCounts {
-    /// `(state, total, [critical, high, medium, low])` in [`STATES`] order.
+    /// `(state, total, [critical, high, medium, low])` in `TaskState::ALL` order.
     pub rows: Vec<(pb::TaskState, u64, [u64; 4])>,
 }
 
 impl TaskCounts {
     /// Folds the reply's per-state counts into a complete grid.
     pub fn from_reply(counts: &[pb::StateCount]) -> Self {
-        let rows = STATES
+        let rows = pb::TaskState::ALL
             .iter()
             .map(|&state| {
                 let mut total = 0;
@@ -311,7 +304,7 @@ impl TaskCounts {
     pub fn totals_json(&self) -> Value {
         let mut map = Map::new();
         for (state, total, _) in &self.rows {
-            map.insert(state_name(*state).to_owned(), json!(total));
+            map.insert(state.name().to_owned(), json!(total));
         }
         Value::Object(map)
     }
@@ -324,7 +317,7 @@ impl TaskCounts {
             for (p, n) in PRIORITIES.iter().zip(by_priority.iter()) {
                 inner.insert(priority_name(*p).to_owned(), json!(n));
             }
-            map.insert(state_name(*state).to_owned(), Value::Object(inner));
+            map.insert(state.name().to_owned(), Value::Object(inner));
         }
         Value::Object(map)
     }
@@ -418,7 +411,7 @@ pub fn task_json(t: &pb::TaskSummary) -> Value {
         "id": t.id,
         "source": t.source,
         "partition": partition_text(t),
-        "state": state_name(t.state()),
+        "state": t.state().name(),
         "priority": priority_name(t.priority()),
         "effective_priority": priority_name(effective_priority(t)),
         "priority_reason": t.priority_reason,
@@ -606,8 +599,6 @@ mod tests {
 
     #[test]
     fn names_are_lowercase_and_empty_when_unspecified() {
-        assert_eq!(state_name(pb::TaskState::Unavailable), "unavailable");
-        assert_eq!(state_name(pb::TaskState::Unspecified), "");
         assert_eq!(priority_name(pb::Priority::Critical), "critical");
         assert_eq!(priority_name(pb::Priority::Unspecified), "");
         assert_eq!(reason_name(pb::GapReason::TooSmall), "too_small");

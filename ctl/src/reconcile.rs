@@ -41,11 +41,11 @@ pub async fn run(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
     let Some(summary) = summary else {
         bail!("the reconcile stream ended without a summary");
     };
-    if json {
-        output::emit_json(&output::reconcile_summary_json(&summary))?;
-    } else {
-        output::emit(&render_summary(&summary))?;
-    }
+    output::print(
+        json,
+        || output::reconcile_summary_json(&summary),
+        || render_summary(&summary),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

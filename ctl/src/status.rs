@@ -17,11 +17,11 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
             client.status(target.request(pb::StatusRequest {})),
         )
         .await?;
-    if json {
-        output::emit_json(&output::status_json(&reply))?;
-    } else {
-        output::emit(&render_status(&reply, output::now_unix_ms()))?;
-    }
+    output::print(
+        json,
+        || output::status_json(&reply),
+        || render_status(&reply, output::now_unix_ms()),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -40,13 +40,17 @@ pub async fn set_paused(target: &Target, pause: bool, json: bool) -> anyhow::Res
             )
             .await?
     };
-    let state = reply.r#loop.unwrap_or_default();
-    if json {
-        output::emit_json(&output::loop_json(&state))?;
-    } else {
-        output::emit(&render_loop(&state, output::now_unix_ms()))?;
-    }
+    print_loop(&reply.r#loop.unwrap_or_default(), json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the loop state a steering command leaves behind.
+fn print_loop(state: &pb::LoopState, json: bool) -> std::io::Result<()> {
+    output::print(
+        json,
+        || output::loop_json(state),
+        || render_loop(state, output::now_unix_ms()),
+    )
 }
 
 /// One phrase for the loop: `disabled`, `paused`, `running, idle` or
@@ -126,12 +130,7 @@ pub async fn control_loop(
                 .await?
         }
     };
-    let state = reply.r#loop.unwrap_or_default();
-    if json {
-        output::emit_json(&output::loop_json(&state))?;
-    } else {
-        output::emit(&render_loop(&state, output::now_unix_ms()))?;
-    }
+    print_loop(&reply.r#loop.unwrap_or_default(), json)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -186,7 +185,7 @@ pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
     let counts = TaskCounts::from_reply(&reply.tasks);
     let mut tasks = output::table(["TASKS", "TOTAL", "CRITICAL", "HIGH", "MEDIUM", "LOW"]);
     for (state, total, by_priority) in &counts.rows {
-        let mut row = vec![output::state_name(*state).to_owned(), total.to_string()];
+        let mut row = vec![state.name().to_owned(), total.to_string()];
         row.extend(by_priority.iter().map(u64::to_string));
         tasks.add_row(row);
     }
@@ -259,14 +258,16 @@ pub async fn reload(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
             client.reload(target.request(pb::ReloadRequest {})),
         )
         .await?;
-    if json {
-        output::emit_json(&serde_json::json!({
-            "message": reply.message,
-            "needs_restart": reply.needs_restart,
-        }))?;
-    } else {
-        output::emit(&format!("{}\n", reply.message))?;
-    }
+    output::print(
+        json,
+        || {
+            serde_json::json!({
+                "message": reply.message,
+                "needs_restart": reply.needs_restart,
+            })
+        },
+        || format!("{}\n", reply.message),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

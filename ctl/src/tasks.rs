@@ -66,18 +66,19 @@ pub async fn list(target: &Target, query: &Query, json: bool) -> anyhow::Result<
             );
         }
     }
-    if json {
-        let array: Vec<Value> = tasks.iter().map(output::task_json).collect();
-        output::emit_json(&Value::Array(array))?;
-    } else {
-        let now = output::now_unix_ms();
-        let mut text = render_list(&tasks, total, now);
-        for note in &waiting {
-            text.push_str(&output::waiting_line(note, now));
-            text.push('\n');
-        }
-        output::emit(&text)?;
-    }
+    output::print(
+        json,
+        || tasks.iter().map(output::task_json).collect(),
+        || {
+            let now = output::now_unix_ms();
+            let mut text = render_list(&tasks, total, now);
+            for note in &waiting {
+                text.push_str(&output::waiting_line(note, now));
+                text.push('\n');
+            }
+            text
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -109,19 +110,23 @@ pub async fn show(target: &Target, id: i64, json: bool) -> anyhow::Result<ExitCo
             Err(_) => bail!(target.timeout_message("logs")),
         }
     }
-    if json {
-        let mut value = output::task_detail_json(&detail);
-        value["logs"] = Value::Array(lines.iter().map(output::log_entry_json).collect());
-        output::emit_json(&value)?;
-    } else {
-        let mut text = render_detail(&detail, output::now_unix_ms());
-        text.push_str(&format!("\nLOG (last {TASK_LOG_LINES} lines)\n"));
-        for entry in &lines {
-            text.push_str(&output::log_entry_line(entry));
-            text.push('\n');
-        }
-        output::emit(&text)?;
-    }
+    output::print(
+        json,
+        || {
+            let mut value = output::task_detail_json(&detail);
+            value["logs"] = Value::Array(lines.iter().map(output::log_entry_json).collect());
+            value
+        },
+        || {
+            let mut text = render_detail(&detail, output::now_unix_ms());
+            text.push_str(&format!("\nLOG (last {TASK_LOG_LINES} lines)\n"));
+            for entry in &lines {
+                text.push_str(&output::log_entry_line(entry));
+                text.push('\n');
+            }
+            text
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -135,23 +140,27 @@ pub async fn retry(
     let reply = target
         .call("retry", client.retry(target.request(request)))
         .await?;
-    if json {
-        output::emit_json(&serde_json::json!({
-            "retried": reply.retried,
-            "skipped": reply.skipped,
-        }))?;
-    } else {
-        let ids: Vec<String> = reply.retried.iter().map(i64::to_string).collect();
-        output::emit(&format!(
-            "retried {} tasks{}\n",
-            ids.len(),
-            if ids.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", ids.join(", "))
-            }
-        ))?;
-    }
+    output::print(
+        json,
+        || {
+            serde_json::json!({
+                "retried": reply.retried,
+                "skipped": reply.skipped,
+            })
+        },
+        || {
+            let ids: Vec<String> = reply.retried.iter().map(i64::to_string).collect();
+            format!(
+                "retried {} tasks{}\n",
+                ids.len(),
+                if ids.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", ids.join(", "))
+                }
+            )
+        },
+    )?;
     for skipped in &reply.skipped {
         eprintln!("adcectl: not retried: {skipped}");
     }
@@ -179,18 +188,17 @@ pub async fn cancel(
             })),
         )
         .await?;
-    let previous = output::state_name(reply.previous_state());
-    if json {
-        output::emit_json(&serde_json::json!({
-            "task_id": reply.task_id,
-            "previous_state": previous,
-        }))?;
-    } else {
-        output::emit(&format!(
-            "task {} cancelled (was {previous})\n",
-            reply.task_id
-        ))?;
-    }
+    let previous = reply.previous_state().name();
+    output::print(
+        json,
+        || {
+            serde_json::json!({
+                "task_id": reply.task_id,
+                "previous_state": previous,
+            })
+        },
+        || format!("task {} cancelled (was {previous})\n", reply.task_id),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -233,7 +241,7 @@ pub fn render_list(tasks: &[pb::TaskSummary], total: u64, now_ms: i64) -> String
 /// The state, with the running attempt's progress for leased tasks
 /// (`leased 40%`).
 fn state_with_progress(task: &pb::TaskSummary) -> String {
-    let name = output::state_name(task.state());
+    let name = task.state().name();
     if task.state() == pb::TaskState::Leased && task.progress > 0.0 {
         format!("{name} {:.0}%", task.progress * 100.0)
     } else {

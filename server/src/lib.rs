@@ -64,8 +64,5 @@ pub mod transport;
 // The assembly.
 pub mod server;
 
-// systemd notifications (no other module).
-pub mod notify;
-
 pub use error::{Error, Result};
 pub use server::run;

@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use adce_proto::runtime::logging::{self, LogFormat};
+use adce_proto::runtime::notify;
 use adce_server::config::Config;
 use adce_server::dev;
-use adce_server::notify;
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -59,27 +60,6 @@ struct Cli {
     /// Log output format (filter with RUST_LOG, e.g. `info,adce_server=debug`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Loads the config the flags name; config errors are printed as-is
@@ -211,7 +191,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    init_logging(cli.log_format);
+    logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

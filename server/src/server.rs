@@ -150,11 +150,11 @@ async fn reload_on_sighup(reloader: Reloader, stop: CancellationToken) {
                     return;
                 }
                 info!("SIGHUP: reloading the config");
-                crate::notify::reloading();
+                adce_proto::runtime::notify::reloading();
                 if let Err(e) = reloader.reload().await {
                     warn!(error = %e, "reload failed");
                 }
-                crate::notify::ready();
+                adce_proto::runtime::notify::ready();
             }
         }
     }

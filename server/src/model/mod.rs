@@ -179,21 +179,15 @@ impl TaskState {
         TaskState::Cancelled,
     ];
 
-    /// The lowercase name used in the store and adcectl.
+    /// The lowercase name used in the store and adcectl: the wire state's
+    /// name (`adce_proto`), so both spell it the same way.
     pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Pending => "pending",
-            TaskState::Leased => "leased",
-            TaskState::Done => "done",
-            TaskState::Dead => "dead",
-            TaskState::Unavailable => "unavailable",
-            TaskState::Cancelled => "cancelled",
-        }
+        pb::TaskState::from(self).name()
     }
 
     /// Parses the lowercase name.
     pub fn parse(s: &str) -> Option<Self> {
-        TaskState::ALL.into_iter().find(|st| st.as_str() == s)
+        pb::TaskState::from_name(s).and_then(TaskState::from_pb)
     }
 
     /// Whether the task still has work ahead of it (pending or leased).

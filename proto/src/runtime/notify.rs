@@ -1,10 +1,14 @@
-//! The systemd notify protocol (`sd_notify(3)`) for `Type=notify` units: tells
-//! the service manager when the server is ready, reloading or stopping, and
-//! pings its watchdog. A thin layer over the `sd-notify` crate.
+//! The systemd notify protocol (`sd_notify(3)`) for the `Type=notify` units of
+//! `adce-server` and `adce-agent`: tells the service manager when the process
+//! is ready, reloading (the server) or stopping, and pings its watchdog. A
+//! thin layer over the `sd-notify` crate. Only the binaries call it, so the
+//! in-process agent of the server's dev mode never notifies.
 //!
 //! Everything here is a no-op when the process is not supervised
 //! (`NOTIFY_SOCKET` unset), and a failed send is logged, never fatal: a
-//! missing notification must not take the server down with it.
+//! missing notification must not take the process down with it. Scrapers do
+//! not inherit the socket: the agent's runner starts them with a clean
+//! environment.
 
 use std::time::Duration;
 
