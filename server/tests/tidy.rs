@@ -268,6 +268,34 @@ fn every_import_follows_the_declared_layers() {
 }
 
 #[test]
+fn lib_rs_lists_the_modules_in_layer_order() {
+    let lib = std::fs::read_to_string(src_dir().join("lib.rs")).expect("lib.rs");
+    let mut last = (String::new(), 0);
+    for line in lib.lines() {
+        let Some(name) = line
+            .strip_prefix("pub mod ")
+            .and_then(|l| l.strip_suffix(';'))
+        else {
+            continue;
+        };
+        // A folder with parts in lower layers is listed at its lowest part.
+        let layer = LAYERS
+            .iter()
+            .position(|l| {
+                l.iter()
+                    .any(|e| *e == name || e.starts_with(&format!("{name}::")))
+            })
+            .unwrap_or_else(|| panic!("`{name}` is in no layer"));
+        assert!(
+            layer >= last.1,
+            "lib.rs lists `{name}` after `{}`, but its layer is lower",
+            last.0
+        );
+        last = (name.to_owned(), layer);
+    }
+}
+
+#[test]
 fn every_module_of_server_src_is_in_a_layer_and_every_layer_entry_exists() {
     let modules: Vec<String> = rust_files(&src_dir())
         .iter()
