@@ -1,7 +1,7 @@
 //! Reconciliation: what SHOULD exist (the catalog) against what the lake HAS,
 //! every gap turned into a planned task. [`Reconciler::run`] observes the lake
-//! ([`observe`]), expands dependent sources from their parent objects
-//! ([`dependent`]), reads the queue view from the store, and feeds every
+//! (`observe.rs`), expands dependent sources from their parent objects
+//! (`dependent.rs`), reads the queue view from the store, and feeds every
 //! expected partition to the pure planner ([`plan`]) on a blocking thread,
 //! streaming the planned tasks to the scheduler in chunks while planning
 //! runs: neither side ever holds them all.

@@ -274,3 +274,74 @@ pub async fn fold_pages(mut pages: mpsc::Receiver<Vec<ObjectMeta>>, index: &mut 
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lake::LocalLake;
+
+    async fn write(lake: &SharedLake, key: &str, bytes: &[u8]) -> ObjectMeta {
+        let mut w = lake.put(key).await.unwrap();
+        w.write(bytes).await.unwrap();
+        w.commit().await.unwrap()
+    }
+
+    /// Listing several prefixes in parallel folds every object under them,
+    /// and nothing else, into the index with its size and time; the count
+    /// returned is what was listed.
+    #[tokio::test]
+    async fn list_into_folds_every_prefix_into_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake: SharedLake = Arc::new(LocalLake::open(dir.path()).unwrap());
+        let a = write(&lake, "a/1.json", b"one").await;
+        write(&lake, "a/2.json", b"two!").await;
+        write(&lake, "b/x/3.csv", b"").await;
+        write(&lake, "c/elsewhere.json", b"not listed").await;
+
+        let mut index = ObservedIndex::default();
+        let listed = list_into(&lake, &["a/".into(), "b/".into()], &mut index)
+            .await
+            .unwrap();
+        assert_eq!(listed, 3);
+        assert_eq!(index.present(), 3);
+        assert_eq!(
+            index.get("a/1.json"),
+            Some(ObservedObject {
+                size: 3,
+                modified_ms: a.modified_ms
+            })
+        );
+        assert_eq!(index.get("a/2.json").map(|o| o.size), Some(4));
+        assert_eq!(index.get("b/x/3.csv").map(|o| o.size), Some(0));
+        assert_eq!(index.get("c/elsewhere.json"), None);
+
+        // A second listing into the same index replaces, not duplicates.
+        write(&lake, "a/1.json", b"longer now").await;
+        list_into(&lake, &["a/".into()], &mut index).await.unwrap();
+        assert_eq!(index.present(), 3);
+        assert_eq!(index.get("a/1.json").map(|o| o.size), Some(10));
+    }
+
+    /// Pages fold in the order they come until the channel closes; a later
+    /// page's entry for a key wins.
+    #[tokio::test]
+    async fn fold_pages_reads_until_the_channel_closes() {
+        let (tx, rx) = mpsc::channel(2);
+        let meta = |key: &str, size| ObjectMeta {
+            key: key.into(),
+            size,
+            modified_ms: 7,
+        };
+        let sender = tokio::spawn(async move {
+            tx.send(vec![meta("k/1", 1), meta("k/2", 2)]).await.unwrap();
+            tx.send(vec![]).await.unwrap();
+            tx.send(vec![meta("k/1", 11)]).await.unwrap();
+        });
+        let mut index = ObservedIndex::default();
+        fold_pages(rx, &mut index).await;
+        sender.await.unwrap();
+        assert_eq!(index.present(), 2);
+        assert_eq!(index.get("k/1").map(|o| o.size), Some(11));
+        assert_eq!(index.get("k/2").map(|o| o.size), Some(2));
+    }
+}
