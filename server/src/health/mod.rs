@@ -4,7 +4,7 @@
 //! eligible agent), sets each component's gRPC health status, and keeps the
 //! active alerts: raised and resolved ones are logged, status shows them.
 //! Alerts also go to the optional webhook (`alerts.webhook`), whose client
-//! lives in [`webhook`].
+//! lives in `webhook.rs`.
 
 mod webhook;
 

@@ -1,7 +1,7 @@
 //! Domain types shared across the server: ids, priorities, task states, gap
 //! reasons and partitions, with their one conversion to and from wire types;
-//! the rules for object keys ([`key`]) and partition values ([`value`]), and
-//! the stored form of partitions and keys ([`encode`]).
+//! the rules for object keys (`key.rs`) and partition values (`value.rs`), and
+//! the stored form of partitions and keys (`encode.rs`).
 //!
 //! The lowest layer of the server: it imports no other module of the crate.
 
