@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::{Days, Months, NaiveDate};
+use chrono::NaiveDate;
 
-use crate::config::{Config, DateEnd, FromObjectsGenerator, SeasonEnd, Step};
+use crate::config::{Config, FromObjectsGenerator, SeasonEnd};
 pub use crate::config::{Generator, LimitGroup, Refresh, RetryPolicy, VarKind};
 pub use crate::extract::{Extracted, Extractor, Rejected};
 use crate::model::{
@@ -501,16 +501,7 @@ impl Generator {
     /// The generator's values as of `today`, in order.
     pub fn values(&self, today: NaiveDate) -> Vec<Value> {
         match self {
-            Generator::Dates(g) => {
-                let end = match g.end {
-                    DateEnd::Date(d) => d,
-                    DateEnd::Today => today,
-                };
-                date_range(g.start, end, g.step)
-                    .into_iter()
-                    .map(Value::Date)
-                    .collect()
-            }
+            Generator::Dates(g) => g.dates(today).into_iter().map(Value::Date).collect(),
             Generator::Seasons(g) => {
                 let end = match g.end {
                     SeasonEnd::Season(s) => s,
@@ -535,29 +526,6 @@ impl Generator {
             Generator::FromObjects(_) => Vec::new(),
         }
     }
-}
-
-/// Dates from `start` to `end` inclusive by `step`; month steps add whole months to
-/// `start`, so the day of month is kept where it exists and clamped where it does not.
-fn date_range(start: NaiveDate, end: NaiveDate, step: Step) -> Vec<NaiveDate> {
-    let mut out = Vec::new();
-    let mut n: u32 = 0;
-    loop {
-        let next = match step {
-            Step::Day => start.checked_add_days(Days::new(u64::from(n))),
-            Step::Week => start.checked_add_days(Days::new(7 * u64::from(n))),
-            Step::Month => start.checked_add_months(Months::new(n)),
-        };
-        match next {
-            Some(d) if d <= end => out.push(d),
-            _ => break,
-        }
-        match n.checked_add(1) {
-            Some(m) => n = m,
-            None => break,
-        }
-    }
-    out
 }
 
 impl Scraper {
@@ -728,6 +696,8 @@ mod tests {
     use std::process::{Command, Stdio};
     use std::time::Instant;
 
+    use chrono::Datelike;
+
     use super::*;
 
     const DEMO: &str = include_str!("../../config/demo.yaml");
@@ -759,6 +729,73 @@ mod tests {
             .iter()
             .map(|p| p.get("date").unwrap().to_string())
             .collect()
+    }
+
+    /// The NBA calendar of the issue, exactly as written there: the days from
+    /// 1993-11-05 to today inside 10-20..06-20 of each season (across the
+    /// year end), without the 2020 suspension. Compared with a day-by-day
+    /// walk that spells the rule out independently.
+    #[test]
+    fn nba_days_expand_exactly_with_the_window_across_the_year_end() {
+        let c = with_sources(
+            "  - name: schedule\n    scraper: s\n    partitions:\n      dates: {start: 1993-11-05, end: today, windows: [\"10-20..06-20\"], except: [2020-03-12..2020-07-29]}\n    objects: [\"s/{date:%Y%m%d}.json\"]\n",
+        );
+        for today in [
+            d(2026, 12, 7),
+            d(2025, 6, 20),
+            d(2025, 6, 21),
+            d(2025, 10, 19),
+        ] {
+            let mut want = Vec::new();
+            let mut day = d(1993, 11, 5);
+            while day <= today {
+                let (m, dd) = (day.month(), day.day());
+                let in_season = m >= 11 || m <= 5 || (m == 10 && dd >= 20) || (m == 6 && dd <= 20);
+                let suspended = day >= d(2020, 3, 12) && day <= d(2020, 7, 29);
+                if in_season && !suspended {
+                    want.push(day.format("%Y-%m-%d").to_string());
+                }
+                day = day.succ_opt().unwrap();
+            }
+            assert_eq!(dates(&c, today), want, "today {today}");
+        }
+        let all = dates(&c, d(2026, 12, 7));
+        assert_eq!(all.first().map(String::as_str), Some("1993-11-05"));
+        assert!(all.contains(&"2019-12-31".to_string()) && all.contains(&"2020-01-01".to_string()));
+        assert!(
+            !all.contains(&"2020-03-12".to_string()) && all.contains(&"2020-03-11".to_string())
+        );
+        assert!(
+            !all.contains(&"2024-06-21".to_string()) && !all.contains(&"2024-10-19".to_string())
+        );
+    }
+
+    #[test]
+    fn weekday_filters_apply_after_the_step() {
+        let c = with_sources(
+            "  - name: w\n    scraper: s\n    partitions:\n      dates: {start: 2024-01-01, end: 2024-01-31, weekdays: [sat, sun], except: [2024-01-13]}\n    objects: [\"w/{date}.json\"]\n",
+        );
+        assert_eq!(
+            dates(&c, d(2026, 1, 1)),
+            [
+                "2024-01-06",
+                "2024-01-07",
+                "2024-01-14",
+                "2024-01-20",
+                "2024-01-21",
+                "2024-01-27",
+                "2024-01-28"
+            ]
+        );
+        // Weekly from a Monday: only Mondays exist, so a Sunday filter keeps none
+        // of them; a window keeps those inside it.
+        let c = with_sources(
+            "  - name: w\n    scraper: s\n    partitions:\n      dates: {start: 2024-01-01, end: today, step: week, windows: [\"01-08..01-22\"]}\n    objects: [\"w/{date}.json\"]\n",
+        );
+        assert_eq!(
+            dates(&c, d(2024, 2, 1)),
+            ["2024-01-08", "2024-01-15", "2024-01-22"]
+        );
     }
 
     #[test]

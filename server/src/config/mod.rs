@@ -9,6 +9,7 @@
 //! references, template variables, duplicates) and points at the offending value
 //! through the index.
 
+mod calendar;
 mod dependent;
 mod duration;
 mod partitions;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use calendar::{Calendar, DateSpan, MonthDay, WeekdayName, YearWindow};
 pub use dependent::{FromObjectsGenerator, Refresh};
 pub use duration::MAX_DURATION;
 pub use partitions::{

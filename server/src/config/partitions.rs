@@ -6,11 +6,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{Datelike, NaiveDate};
+use chrono::{Datelike, Days, Months, NaiveDate};
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::calendar::{Calendar, DateSpan, WeekdayName, YearWindow};
 use super::dependent::FromObjectsGenerator;
 use super::scalars::{PartitionValue, excerpt, from_text as text, is_valid_var};
 use crate::template::parse_iso_date;
@@ -88,7 +89,8 @@ impl Generator {
     }
 }
 
-/// `dates: {var, start, end, step}`: every `step` from `start` to `end`, inclusive.
+/// `dates: {var, start, end, step, windows, weekdays, except}`: every `step`
+/// from `start` to `end`, inclusive, that the calendar filters admit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatesGenerator {
@@ -103,10 +105,62 @@ pub struct DatesGenerator {
     /// The distance between dates; default a day.
     #[serde(default)]
     pub step: Step,
+    /// Month-day ranges within each year (`10-20..06-20`); none: all year.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<YearWindow>,
+    /// Days of the week (`mon` … `sun`); none: every day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weekdays: Vec<WeekdayName>,
+    /// Dates and inclusive date ranges left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<DateSpan>,
+}
+
+impl DatesGenerator {
+    /// Its dates as of `today`, in order: every `step` from `start` to the
+    /// end, then the calendar filters.
+    pub fn dates(&self, today: NaiveDate) -> Vec<NaiveDate> {
+        let calendar = self.calendar();
+        let mut out = date_range(self.start, self.end.resolve(today), self.step);
+        out.retain(|d| calendar.admits(*d));
+        out
+    }
+
+    /// The calendar filters, applied after `step`.
+    pub fn calendar(&self) -> Calendar<'_> {
+        Calendar {
+            windows: &self.windows,
+            weekdays: &self.weekdays,
+            except: &self.except,
+        }
+    }
 }
 
 fn default_date_var() -> String {
     "date".into()
+}
+
+/// Dates from `start` to `end` inclusive by `step`; month steps add whole months to
+/// `start`, so the day of month is kept where it exists and clamped where it does not.
+fn date_range(start: NaiveDate, end: NaiveDate, step: Step) -> Vec<NaiveDate> {
+    let mut out = Vec::new();
+    let mut n: u32 = 0;
+    loop {
+        let next = match step {
+            Step::Day => start.checked_add_days(Days::new(u64::from(n))),
+            Step::Week => start.checked_add_days(Days::new(7 * u64::from(n))),
+            Step::Month => start.checked_add_months(Months::new(n)),
+        };
+        match next {
+            Some(d) if d <= end => out.push(d),
+            _ => break,
+        }
+        match n.checked_add(1) {
+            Some(m) => n = m,
+            None => break,
+        }
+    }
+    out
 }
 
 /// The end of a date range.

@@ -289,6 +289,71 @@ fn invalid_durations_rates_priorities_steps_and_seasons() {
 }
 
 #[test]
+fn calendar_filters_load_and_bad_ones_are_positioned() {
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 1993-11-05, end: today, windows: [\"10-20..06-20\"], weekdays: [mon, Fri], except: [2020-03-12..2020-07-29, 2021-12-25]}\n    objects: [\"b/{date}\"]\n",
+    );
+    let cfg = parse(&src).unwrap_or_else(|e| panic!("{e}"));
+    let Generator::Dates(g) = &cfg.sources[1].partitions.0[0] else {
+        panic!("a dates generator");
+    };
+    assert_eq!(g.windows.len(), 1);
+    assert_eq!(g.weekdays.len(), 2);
+    assert_eq!(g.except.len(), 2);
+    // The dump writes them back as they were written.
+    let dumped = serde_yaml::to_string(&cfg.sources[1]).unwrap();
+    for text in [
+        "10-20..06-20",
+        "fri",
+        "2020-03-12..2020-07-29",
+        "2021-12-25",
+    ] {
+        assert!(dumped.contains(text), "{text} in {dumped}");
+    }
+
+    for (filter, needle, words) in [
+        (
+            "windows: [\"10-20..13-01\"]",
+            "\"10-20..13-01\"",
+            &["no such day in any year"][..],
+        ),
+        (
+            "windows: [\"october\"]",
+            "\"october\"",
+            &["expected MM-DD"][..],
+        ),
+        (
+            "weekdays: [mon, funday]",
+            "funday",
+            &["invalid weekday `funday`", "mon, tue"][..],
+        ),
+        (
+            "except: [2020-07-29..2020-03-12]",
+            "2020-07-29..2020-03-12",
+            &["2020-03-12 precedes 2020-07-29"][..],
+        ),
+    ] {
+        let src = with_source(&format!(
+            "  - name: b\n    scraper: s\n    partitions:\n      dates: {{start: 2024-01-01, end: today, {filter}}}\n    objects: [\"b/{{date}}\"]\n"
+        ));
+        assert_err_at(&src, needle, 0, words);
+    }
+
+    // A fixed range the filters leave empty is refused; an open one is not.
+    let src = with_source(
+        "  - name: b\n    scraper: s\n    partitions:\n      dates: {start: 2024-07-01, end: 2024-07-31, windows: [\"10-20..06-20\"]}\n    objects: [\"b/{date}\"]\n",
+    );
+    let msg = err(&src);
+    assert!(
+        msg.contains("leave no date between 2024-07-01 and 2024-07-31"),
+        "{msg}"
+    );
+    assert!(msg.starts_with("demo.yaml:"), "{msg}");
+    let src = src.replace("end: 2024-07-31", "end: today");
+    parse(&src).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
 fn template_syntax_errors_are_positioned_at_the_template() {
     let src = with_source("  - name: b\n    scraper: s\n    objects: [\"b/{date\"]\n");
     assert_err_at(

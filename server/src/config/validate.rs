@@ -631,6 +631,22 @@ impl Validator<'_> {
                             format!("end {end} precedes start {}", d.start),
                         ));
                     }
+                    // A fixed range the filters empty is a mistake, not a
+                    // source without data (an open one may gain dates).
+                    let filtered =
+                        !(d.windows.is_empty() && d.weekdays.is_empty() && d.except.is_empty());
+                    if let DateEnd::Date(end) = d.end
+                        && filtered
+                        && d.dates(end).is_empty()
+                    {
+                        return Err(self.at(
+                            &gp,
+                            format!(
+                                "the calendar filters (`windows`, `weekdays`, `except`) leave no date between {} and {end}",
+                                d.start
+                            ),
+                        ));
+                    }
                 }
                 Generator::Seasons(sg) => {
                     if let SeasonEnd::Season(end) = sg.end {
