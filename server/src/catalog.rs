@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 
-use crate::config::{Config, FromObjectsGenerator, SeasonEnd};
+use crate::config::{Config, FromObjectsGenerator};
 pub use crate::config::{Generator, LimitGroup, Refresh, RetryPolicy, VarKind};
 pub use crate::extract::{Extracted, Extractor, Rejected};
 use crate::model::{
     Partition, Priority, VAR_ATTEMPT, VAR_CONFIG_DIR, VAR_OUT, VAR_SOURCE, VAR_TASK_ID, Value,
-    is_valid_value,
+    for_each_product, is_valid_value,
 };
 use crate::template::{Arg, Piece, Placeholder, Template, TemplateError, parse_iso_date};
 
@@ -439,19 +439,13 @@ impl Source {
         if self.dependency.is_some() {
             return Vec::new();
         }
-        let mut out = vec![Partition::default()];
-        for g in &self.generators {
-            let values = g.values(today);
-            let mut next = Vec::with_capacity(out.len().saturating_mul(values.len()));
-            for p in &out {
-                for v in &values {
-                    let mut vars = p.vars.clone();
-                    vars.push((g.var().to_owned(), v.clone()));
-                    next.push(Partition { vars });
-                }
-            }
-            out = next;
-        }
+        let generators: Vec<(String, Vec<Value>)> = self
+            .generators
+            .iter()
+            .map(|g| (g.var().to_owned(), g.values(today)))
+            .collect();
+        let mut out = Vec::new();
+        for_each_product(&generators, |p| out.push(p.clone()));
         out
     }
 
@@ -494,37 +488,6 @@ impl Source {
         let pairs: Option<Vec<(&str, &str)>> =
             key.split(',').map(|kv| kv.split_once('=')).collect();
         self.partition_from_strings(pairs?)
-    }
-}
-
-impl Generator {
-    /// The generator's values as of `today`, in order.
-    pub fn values(&self, today: NaiveDate) -> Vec<Value> {
-        match self {
-            Generator::Dates(g) => g.dates(today).into_iter().map(Value::Date).collect(),
-            Generator::Seasons(g) => {
-                let end = match g.end {
-                    SeasonEnd::Season(s) => s,
-                    SeasonEnd::Current => {
-                        crate::config::Season::containing(today, g.start_month, g.start.format)
-                    }
-                };
-                let mut out = Vec::new();
-                let mut cur = Some(g.start);
-                while let Some(s) = cur.filter(|s| s.year <= end.year) {
-                    out.push(Value::Str(s.label()));
-                    cur = s.next();
-                }
-                out
-            }
-            Generator::Values(g) => g
-                .values
-                .iter()
-                .map(|v| Value::Str(v.as_str().to_owned()))
-                .collect(),
-            // Dependent values come from parent objects, not from the calendar.
-            Generator::FromObjects(_) => Vec::new(),
-        }
     }
 }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::calendar::{Calendar, DateSpan, WeekdayName, YearWindow};
 use super::dependent::FromObjectsGenerator;
 use super::scalars::{PartitionValue, excerpt, from_text as text, is_valid_var};
+use crate::model::Value;
 use crate::template::parse_iso_date;
 
 /// A source's partition generators; several form their cartesian product in order
@@ -85,6 +86,35 @@ impl Generator {
             Generator::Seasons(_) => "seasons",
             Generator::Values(_) => "values",
             Generator::FromObjects(_) => "from_objects",
+        }
+    }
+}
+
+impl Generator {
+    /// The generator's values as of `today`, in order.
+    pub fn values(&self, today: NaiveDate) -> Vec<Value> {
+        match self {
+            Generator::Dates(g) => g.dates(today).into_iter().map(Value::Date).collect(),
+            Generator::Seasons(g) => {
+                let end = match g.end {
+                    SeasonEnd::Season(s) => s,
+                    SeasonEnd::Current => Season::containing(today, g.start_month, g.start.format),
+                };
+                let mut out = Vec::new();
+                let mut cur = Some(g.start);
+                while let Some(s) = cur.filter(|s| s.year <= end.year) {
+                    out.push(Value::Str(s.label()));
+                    cur = s.next();
+                }
+                out
+            }
+            Generator::Values(g) => g
+                .values
+                .iter()
+                .map(|v| Value::Str(v.as_str().to_owned()))
+                .collect(),
+            // Dependent values come from parent objects, not from the calendar.
+            Generator::FromObjects(_) => Vec::new(),
         }
     }
 }

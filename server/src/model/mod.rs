@@ -7,10 +7,12 @@
 
 mod encode;
 mod key;
+mod product;
 mod value;
 
 pub use encode::{CorruptPartition, Encoded, partition_from_json, partition_to_json};
 pub use key::{InvalidKey, MAX_KEY_LEN, validate_key};
+pub use product::{for_each_product, nth_partition};
 pub use value::{
     MAX_VALUE_LEN, SPECIAL_VARS, VAR_ATTEMPT, VAR_CONFIG_DIR, VAR_OUT, VAR_SOURCE, VAR_TASK_ID,
     is_valid_value,

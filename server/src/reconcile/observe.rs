@@ -13,14 +13,13 @@ use tracing::warn;
 
 use super::Reconciler;
 use super::observed::{ObservedIndex, ObservedObject};
-use super::plan::for_each_product;
 use crate::catalog::ExpectedPartition;
 use crate::config::InventoryConfig;
 use crate::error::{Error, Result};
 use crate::lake::inventory;
 use crate::lake::{ObjectMeta, ObjectSource, PageSink, SharedLake};
 use crate::logs::Event;
-use crate::model::{UnixMs, Value};
+use crate::model::{UnixMs, Value, for_each_product};
 
 /// How many listing pages may wait for the reconciler at once.
 const PAGES_IN_FLIGHT: usize = 64;
