@@ -415,7 +415,53 @@ fn object_templates_must_match_the_partitions() {
     assert_err_at(&src, "\"b/../../etc\"", 0, &["`..`"]);
 
     let src = with_source("  - name: b\n    scraper: s\n    objects: [\"a/static.json\"]\n");
-    assert_err_at(&src, "\"a/static.json\"", 1, &["used twice", "source `a`"]);
+    assert_err_at(
+        &src,
+        "\"a/static.json\"",
+        1,
+        &["sources `a` and `b` both expect key `a/static.json`"],
+    );
+}
+
+/// Two sources may share a key template when their partitions never meet
+/// (here: the same template, disjoint season windows of the same days);
+/// overlapping ones are refused at the later template, naming both sources
+/// and the first key both would expect.
+#[test]
+fn sources_share_a_template_only_when_their_keys_are_disjoint() {
+    let two = |a: &str, b: &str| {
+        with_source(&format!(
+            "  - name: regular\n    scraper: s\n    partitions:\n      dates: {{start: 2024-01-01, end: 2024-12-31, {a}}}\n    objects: [\"nba/{{date:%Y%m%d}}.json\"]\n  - name: summer\n    scraper: s\n    partitions:\n      dates: {{start: 2024-01-01, end: 2024-12-31, {b}}}\n    objects: [\"nba/{{date:%Y%m%d}}.json\"]\n"
+        ))
+    };
+    let disjoint = two("windows: [\"10-20..06-20\"]", "windows: [\"06-21..10-19\"]");
+    let cfg = parse(&disjoint).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.sources.len(), 3);
+    // Weekdays and weekends of the same range are disjoint too.
+    parse(&two("weekdays: [mon, tue, wed, thu, fri]", "weekdays: [sat, sun]"))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let overlapping = two("windows: [\"10-20..06-20\"]", "windows: [\"06-20..10-19\"]");
+    assert_err_at(
+        &overlapping,
+        "\"nba/{date:%Y%m%d}.json\"",
+        1,
+        &[
+            "sources `regular` and `summer` both expect key `nba/20240620.json`",
+            "partitions are disjoint",
+        ],
+    );
+
+    // A dependent source cannot be checked at load: it may not share.
+    let src = with_source(
+        "  - name: games\n    scraper: s\n    partitions:\n      from_objects: {objects: \"a/static.json\", var: game_id, json: /ids}\n    objects: [\"g/{game_id}.json\"]\n  - name: more\n    scraper: s\n    partitions:\n      values: {var: game_id, values: [\"1\"]}\n    objects: [\"g/{game_id}.json\"]\n",
+    );
+    assert_err_at(
+        &src,
+        "\"g/{game_id}.json\"",
+        1,
+        &["also by source `games`", "static partitions"],
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! sections, template variables against partitions, duplicates, ranges), each error
 //! pointing at the offending value through the document's [`PositionIndex`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -17,7 +17,10 @@ use super::{
     VarKind,
 };
 use crate::extract::Column;
-use crate::model::{InvalidKey, MAX_KEY_LEN, MAX_VALUE_LEN, SPECIAL_VARS, VAR_OUT, validate_key};
+use crate::model::{
+    InvalidKey, MAX_KEY_LEN, MAX_VALUE_LEN, SPECIAL_VARS, VAR_OUT, Value, for_each_product,
+    validate_key,
+};
 use crate::template::{Arg, Template, is_ident};
 
 /// A validation failure: where and what.
@@ -543,7 +546,8 @@ impl Validator<'_> {
 
     fn sources(&self) -> Result<(), Issue> {
         let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut templates: HashMap<&str, &str> = HashMap::new();
+        // Each template's users so far: (source, its index in `objects`).
+        let mut templates: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, s) in self.cfg.sources.iter().enumerate() {
             let p = self.root.key("sources").idx(i);
             if let Some(first) = names.insert(&s.name, i) {
@@ -586,18 +590,95 @@ impl Validator<'_> {
             for (j, t) in s.objects.iter().enumerate() {
                 let op = p.key("objects").idx(j);
                 self.object_template(s, &op, t)?;
-                if let Some(other) = templates.insert(t.as_str(), &s.name) {
-                    return Err(self.at(
-                        &op,
-                        format!(
-                            "object key template `{}` is used twice (also by source `{other}`)",
-                            excerpt(t.as_str())
-                        ),
-                    ));
+                let users = templates.entry(t.as_str()).or_default();
+                for &other in users.iter() {
+                    self.shared_template(other, i, t, &op)?;
                 }
+                users.push(i);
             }
         }
         Ok(())
+    }
+
+    /// Source `later` uses template `t` (at `op`) that source `earlier` uses
+    /// too: allowed when both have static partitions and, as of today, no key
+    /// of one is a key of the other. The error names both sources and the
+    /// first key (in `later`'s order) they would both expect.
+    fn shared_template(
+        &self,
+        earlier: usize,
+        later: usize,
+        t: &Template,
+        op: &YamlPath,
+    ) -> Result<(), Issue> {
+        let (a, b) = (&self.cfg.sources[earlier], &self.cfg.sources[later]);
+        if earlier == later {
+            return Err(self.at(
+                op,
+                format!(
+                    "object key template `{}` is listed twice in source `{}`",
+                    excerpt(t.as_str()),
+                    b.name
+                ),
+            ));
+        }
+        let dependent = |s: &SourceConfig| {
+            s.partitions
+                .0
+                .iter()
+                .any(|g| matches!(g, Generator::FromObjects(_)))
+        };
+        if dependent(a) || dependent(b) {
+            return Err(self.at(
+                op,
+                format!(
+                    "object key template `{}` is used twice (also by source `{}`); sources may share a template only when both have static partitions (dates, seasons, values)",
+                    excerpt(t.as_str()),
+                    a.name
+                ),
+            ));
+        }
+        let today = chrono::Utc::now().date_naive();
+        let keys = |s: &SourceConfig, f: &mut dyn FnMut(String) -> bool| {
+            let generators: Vec<(String, Vec<Value>)> = s
+                .partitions
+                .0
+                .iter()
+                .map(|g| (g.var().to_owned(), g.values(today)))
+                .collect();
+            let mut stop = false;
+            for_each_product(&generators, |p| {
+                if !stop && let Ok(key) = t.render_partition(p) {
+                    stop = f(key);
+                }
+            });
+        };
+        let mut theirs = HashSet::new();
+        keys(a, &mut |k| {
+            theirs.insert(k);
+            false
+        });
+        let mut shared = None;
+        keys(b, &mut |k| {
+            let hit = theirs.contains(&k);
+            if hit {
+                shared = Some(k);
+            }
+            hit
+        });
+        match shared {
+            Some(key) => Err(self.at(
+                op,
+                format!(
+                    "sources `{}` and `{}` both expect key `{}` (object key template `{}`); sources may share a template only when their partitions are disjoint",
+                    a.name,
+                    b.name,
+                    excerpt(&key),
+                    excerpt(t.as_str())
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn generators(&self, i: usize, s: &SourceConfig) -> Result<(), Issue> {
