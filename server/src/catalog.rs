@@ -197,6 +197,23 @@ pub struct ExpectedPartition {
     pub keys: Vec<String>,
 }
 
+/// What one source expects, as [`Catalog::preview`] shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourcePreview {
+    /// The source's name.
+    pub name: String,
+    /// Its partitions.
+    pub partitions: u64,
+    /// Its expected objects (partitions × templates).
+    pub objects: u64,
+    /// The first keys in expansion order.
+    pub first: Vec<String>,
+    /// The last keys, after `first` (never repeating one of them).
+    pub last: Vec<String>,
+    /// For a dependent source, the template of its parent objects.
+    pub parents: Option<String>,
+}
+
 /// One piece of a rendered argv element.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArgPiece {
@@ -296,6 +313,46 @@ impl Catalog {
             }
         }
         out
+    }
+
+    /// What each source expects as of `today`, for a preview before anything
+    /// runs: counts, and the first and last `edge` keys in expansion order.
+    /// Dependent sources expect what their parents list, so only at
+    /// reconcile: their preview names the parent template instead.
+    pub fn preview(&self, today: NaiveDate, edge: usize) -> Vec<SourcePreview> {
+        self.sources
+            .iter()
+            .map(|source| {
+                let mut preview = SourcePreview {
+                    name: source.name.clone(),
+                    parents: source
+                        .dependency
+                        .as_ref()
+                        .map(|d| d.template().as_str().to_owned()),
+                    ..SourcePreview::default()
+                };
+                if preview.parents.is_some() {
+                    return preview;
+                }
+                let mut last = std::collections::VecDeque::with_capacity(edge);
+                for partition in source.partitions(today) {
+                    preview.partitions += 1;
+                    for key in source.keys(&partition).unwrap_or_default() {
+                        preview.objects += 1;
+                        if preview.first.len() < edge {
+                            preview.first.push(key);
+                        } else {
+                            if last.len() == edge {
+                                last.pop_front();
+                            }
+                            last.push_back(key);
+                        }
+                    }
+                }
+                preview.last = last.into();
+                preview
+            })
+            .collect()
     }
 
     /// The partitions of dependent source `source` (an index into

@@ -181,14 +181,7 @@ fn main() -> ExitCode {
     if cli.check_config {
         let catalog = adce_server::catalog::Catalog::from_config(&config);
         let today = chrono::Utc::now().date_naive();
-        let expanded = catalog.expand(today);
-        let objects: usize = expanded.iter().map(|e| e.keys.len()).sum();
-        println!(
-            "config ok: {} sources, {} scrapers, {} partitions, {objects} expected objects today",
-            catalog.sources.len(),
-            catalog.scrapers.len(),
-            expanded.len(),
-        );
+        print!("{}", check_report(&catalog, today));
         return ExitCode::SUCCESS;
     }
     logging::init(cli.log_format);
@@ -210,4 +203,48 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Keys shown at each end of a source's expansion by `--check-config`.
+const PREVIEW_KEYS: usize = 3;
+
+/// What `--check-config` prints: the totals, then per source its partitions,
+/// expected objects, and the first and last few keys.
+fn check_report(catalog: &adce_server::catalog::Catalog, today: chrono::NaiveDate) -> String {
+    use std::fmt::Write as _;
+    let preview = catalog.preview(today, PREVIEW_KEYS);
+    let partitions: u64 = preview.iter().map(|p| p.partitions).sum();
+    let objects: u64 = preview.iter().map(|p| p.objects).sum();
+    let mut out = format!(
+        "config ok: {} sources, {} scrapers, {partitions} partitions, {objects} expected objects today\n",
+        catalog.sources.len(),
+        catalog.scrapers.len(),
+    );
+    for p in &preview {
+        if let Some(parents) = &p.parents {
+            let _ = writeln!(
+                out,
+                "source {}: partitions from the values in parent objects {parents} (known at reconcile)",
+                p.name
+            );
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "source {}: {} partitions, {} expected objects",
+            p.name, p.partitions, p.objects
+        );
+        if !p.first.is_empty() {
+            let _ = writeln!(out, "  first: {}", p.first.join(", "));
+        }
+        if !p.last.is_empty() {
+            let gap = if p.objects > (p.first.len() + p.last.len()) as u64 {
+                "…, "
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "  last:  {gap}{}", p.last.join(", "));
+        }
+    }
+    out
 }

@@ -438,8 +438,11 @@ fn sources_share_a_template_only_when_their_keys_are_disjoint() {
     let cfg = parse(&disjoint).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.sources.len(), 3);
     // Weekdays and weekends of the same range are disjoint too.
-    parse(&two("weekdays: [mon, tue, wed, thu, fri]", "weekdays: [sat, sun]"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    parse(&two(
+        "weekdays: [mon, tue, wed, thu, fri]",
+        "weekdays: [sat, sun]",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
 
     let overlapping = two("windows: [\"10-20..06-20\"]", "windows: [\"06-20..10-19\"]");
     assert_err_at(

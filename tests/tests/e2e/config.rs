@@ -197,3 +197,66 @@ fn bad_config_is_refused_with_position() {
         failures.join("\n")
     );
 }
+
+/// `--check-config` previews what each source expects before anything runs:
+/// totals, then per source its counts and the first and last keys, and for
+/// a dependent source where its partitions come from. The whole output is
+/// compared (the ranges are fixed, so it does not depend on the day).
+#[test]
+fn check_config_previews_every_source() {
+    let dir = TestDir::new();
+    let config = dir.write_config(
+        "preview.yaml",
+        &format!(
+            "version: 1
+server:
+  state_dir: {state}
+lake:
+  local:
+    root: lake
+scrapers:
+  fetch:
+    command: [\"/bin/true\"]
+sources:
+  - name: regular
+    scraper: fetch
+    partitions:
+      dates: {{start: 2024-06-01, end: 2024-10-31, windows: [\"10-20..06-20\"], except: [2024-06-10..2024-06-19]}}
+    objects: [\"nba/{{date:%Y%m%d}}.json\"]
+  - name: summer
+    scraper: fetch
+    partitions:
+      dates: {{start: 2024-06-01, end: 2024-10-31, windows: [\"07-05..07-20\"], weekdays: [sat, sun]}}
+    objects: [\"nba/{{date:%Y%m%d}}.json\"]
+  - name: teams
+    scraper: fetch
+    partitions:
+      - seasons: {{start: \"2023-24\", end: \"2024-25\"}}
+      - values: {{var: team, values: [BOS, LAL]}}
+    objects: [\"teams/{{season}}/{{team}}.json\", \"teams/{{season}}/{{team}}.csv\"]
+  - name: games
+    scraper: fetch
+    partitions:
+      from_objects: {{objects: \"nba/{{date:%Y%m%d}}.json\", var: game_id, json: /games/*/id}}
+    objects: [\"games/{{game_id}}.json\"]
+",
+            state = dir.join("state").display()
+        ),
+    );
+    let output = server(&["--check-config"], &config);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let want = "\
+config ok: 4 sources, 1 scrapers, 31 partitions, 35 expected objects today
+source regular: 22 partitions, 22 expected objects
+  first: nba/20240601.json, nba/20240602.json, nba/20240603.json
+  last:  …, nba/20241029.json, nba/20241030.json, nba/20241031.json
+source summer: 5 partitions, 5 expected objects
+  first: nba/20240706.json, nba/20240707.json, nba/20240713.json
+  last:  nba/20240714.json, nba/20240720.json
+source teams: 4 partitions, 8 expected objects
+  first: teams/2023-24/BOS.json, teams/2023-24/BOS.csv, teams/2023-24/LAL.json
+  last:  …, teams/2024-25/BOS.csv, teams/2024-25/LAL.json, teams/2024-25/LAL.csv
+source games: partitions from the values in parent objects nba/{date:%Y%m%d}.json (known at reconcile)
+";
+    assert_eq!(text(&output.stdout), want);
+}
