@@ -1,5 +1,5 @@
 //! `coverage`: expected, present and missing objects per source from the
-//! server's last reconcile.
+//! server's last reconcile; with `--missing`, the missing keys themselves.
 
 use std::process::ExitCode;
 
@@ -8,11 +8,18 @@ use adce_proto::v1 as pb;
 use crate::client::Target;
 use crate::output;
 
-/// Runs `coverage`.
-pub async fn show(target: &Target, source: &str, json: bool) -> anyhow::Result<ExitCode> {
+/// Runs `coverage`; `missing` asks for up to that many missing keys per source.
+pub async fn show(
+    target: &Target,
+    source: &str,
+    missing: Option<u32>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let mut client = target.control().await?;
     let request = pb::CoverageRequest {
         source: source.to_owned(),
+        missing: missing.is_some(),
+        limit: missing.unwrap_or_default(),
     };
     let reply = target
         .call("coverage", client.coverage(target.request(request)))
@@ -20,7 +27,13 @@ pub async fn show(target: &Target, source: &str, json: bool) -> anyhow::Result<E
     output::print(
         json,
         || output::coverage_reply_json(&reply),
-        || render(&reply, output::now_unix_ms()),
+        || {
+            let mut text = render(&reply, output::now_unix_ms());
+            if missing.is_some() {
+                text.push_str(&render_missing(&reply));
+            }
+            text
+        },
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -69,6 +82,31 @@ pub fn render(reply: &pb::CoverageReply, now_ms: i64) -> String {
     text
 }
 
+/// Per source, its missing keys one per line under a heading that says how
+/// many of how many are shown.
+pub fn render_missing(reply: &pb::CoverageReply) -> String {
+    let mut text = String::new();
+    for s in &reply.sources {
+        let all = s.coverage.unwrap_or_default().missing;
+        let shown = s.missing_keys.len();
+        text.push('\n');
+        if all == 0 {
+            text.push_str(&format!("{}: nothing missing\n", s.source));
+            continue;
+        }
+        let of = if shown as u64 == all {
+            format!("{all}")
+        } else {
+            format!("{shown} of {all}")
+        };
+        text.push_str(&format!("{}: missing keys ({of}):\n", s.source));
+        for key in &s.missing_keys {
+            text.push_str(&format!("  {key}\n"));
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,11 +132,13 @@ mod tests {
                     source: "espn_pbp".into(),
                     coverage: Some(summary(200, 150)),
                     priority: pb::Priority::High as i32,
+                    missing_keys: Vec::new(),
                 },
                 pb::SourceCoverage {
                     source: "nba_schedule".into(),
                     coverage: Some(summary(50, 50)),
                     priority: pb::Priority::Medium as i32,
+                    missing_keys: Vec::new(),
                 },
             ],
             total: Some(summary(250, 200)),

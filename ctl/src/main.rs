@@ -109,6 +109,14 @@ enum Command {
         /// Only this source.
         #[arg(long, value_name = "NAME")]
         source: Option<String>,
+        /// Also list the missing keys (as of the last reconcile), in
+        /// expansion order.
+        #[arg(long)]
+        missing: bool,
+        /// With --missing: at most this many keys per source (the server
+        /// keeps the first 1000 of each reconcile).
+        #[arg(long, value_name = "N", default_value_t = 100, requires = "missing")]
+        limit: u32,
     },
 
     /// Check the server's health (the standard gRPC health service).
@@ -355,8 +363,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Task { id } => tasks::show(&target, id, json).await,
         Command::Agents => agents::list(&target, json).await,
-        Command::Coverage { source } => {
-            coverage::show(&target, source.as_deref().unwrap_or_default(), json).await
+        Command::Coverage {
+            source,
+            missing,
+            limit,
+        } => {
+            let missing = missing.then_some(limit);
+            coverage::show(
+                &target,
+                source.as_deref().unwrap_or_default(),
+                missing,
+                json,
+            )
+            .await
         }
         Command::Health { services } => health::check(&target, &services, json).await,
         Command::Logs {

@@ -459,6 +459,9 @@ pub fn coverage_reply_json(reply: &pb::CoverageReply) -> Value {
             let mut row = coverage_json(&s.coverage.unwrap_or_default());
             if let Some(map) = row.as_object_mut() {
                 map.insert("source".to_owned(), json!(s.source));
+                if !s.missing_keys.is_empty() {
+                    map.insert("missing_keys".to_owned(), json!(s.missing_keys));
+                }
             }
             row
         })
@@ -755,6 +758,7 @@ mod tests {
                     stale: 0,
                 }),
                 priority: pb::Priority::High as i32,
+                missing_keys: vec!["espn/pbp/401.json".into()],
             }],
             total: None,
             computed_unix_ms: 7,
@@ -763,6 +767,10 @@ mod tests {
         let value = coverage_reply_json(&reply);
         assert_eq!(value["sources"][0]["source"], json!("espn_pbp"));
         assert_eq!(value["sources"][0]["missing"], json!(1));
+        assert_eq!(
+            value["sources"][0]["missing_keys"],
+            json!(["espn/pbp/401.json"])
+        );
         assert_eq!(value["total"]["expected"], json!(0));
         assert_eq!(value["evidence"], json!("listing"));
         assert_eq!(value["computed_unix_ms"], json!(7));

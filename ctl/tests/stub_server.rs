@@ -251,15 +251,30 @@ impl Control for Stub {
         &self,
         request: Request<pb::CoverageRequest>,
     ) -> Result<Response<pb::CoverageReply>, Status> {
-        let source = request.into_inner().source;
+        let request = request.into_inner();
+        let source = request.source;
         if !source.is_empty() && source != "espn_pbp" {
             return Err(Status::not_found(format!("no source named {source}")));
         }
+        // Like the server: the first `limit` (0: 100) of the 50 missing keys.
+        let limit = match request.limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let missing_keys = if request.missing {
+            (0..50)
+                .map(|i| format!("espn/pbp/4017{i:02}.json"))
+                .take(limit)
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(pb::CoverageReply {
             sources: vec![pb::SourceCoverage {
                 source: "espn_pbp".into(),
                 coverage: Some(coverage(200, 150)),
                 priority: pb::Priority::High as i32,
+                missing_keys,
             }],
             total: Some(coverage(200, 150)),
             computed_unix_ms: T0,
@@ -667,6 +682,65 @@ fn task_detail_and_its_not_found_error() {
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     assert_eq!(text(&missing.stderr), "adcectl: task 99 does not exist\n");
     assert!(missing.stdout.is_empty());
+    server.stop(&rt);
+}
+
+/// `coverage --missing` lists the keys the last reconcile did not find, at
+/// most `--limit`, saying how many of how many; `--json` carries them as
+/// `missing_keys`; `--limit` alone is a usage error.
+#[test]
+fn coverage_missing_lists_the_keys() {
+    let (rt, server, _) = serve();
+    let out = adcectl(
+        server.address,
+        &[
+            "coverage",
+            "--source",
+            "espn_pbp",
+            "--missing",
+            "--limit",
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    let (table, keys) = stdout
+        .split_once("\n\n")
+        .expect("a blank line before the keys");
+    assert!(table.starts_with("SOURCE"), "{stdout}");
+    assert_eq!(
+        keys,
+        "espn_pbp: missing keys (3 of 50):\n  espn/pbp/401700.json\n  espn/pbp/401701.json\n  espn/pbp/401702.json\n"
+    );
+
+    let all = adcectl(server.address, &["coverage", "--missing"]);
+    assert!(all.status.success(), "{all:?}");
+    assert!(
+        text(&all.stdout).contains("espn_pbp: missing keys (50):\n  espn/pbp/401700.json\n"),
+        "{}",
+        text(&all.stdout)
+    );
+
+    let json = adcectl(
+        server.address,
+        &["--json", "coverage", "--missing", "--limit", "2"],
+    );
+    assert!(json.status.success(), "{json:?}");
+    assert_eq!(
+        json_of(&json)["sources"][0]["missing_keys"],
+        json!(["espn/pbp/401700.json", "espn/pbp/401701.json"])
+    );
+    // Without --missing no keys travel.
+    let plain = adcectl(server.address, &["--json", "coverage"]);
+    assert!(json_of(&plain)["sources"][0].get("missing_keys").is_none());
+
+    let usage = adcectl(server.address, &["coverage", "--limit", "3"]);
+    assert_eq!(usage.status.code(), Some(2), "{usage:?}");
+    assert!(
+        text(&usage.stderr).contains("--missing"),
+        "{}",
+        text(&usage.stderr)
+    );
     server.stop(&rt);
 }
 

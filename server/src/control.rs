@@ -25,6 +25,8 @@ use crate::reload::Reloader;
 use crate::scheduler::{AgentSnapshot, Handle, RetrySelection, WaitingNote};
 use crate::store::{self, LogFilter, Readers, TaskFilter, TaskRow};
 
+/// Missing keys listed per source when a coverage request gives no limit.
+const DEFAULT_MISSING_LIMIT: usize = 100;
 /// The default and largest page of ListTasks.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -342,7 +344,12 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::CoverageRequest>,
     ) -> Result<Response<pb::CoverageReply>, Status> {
-        let only = request.into_inner().source;
+        let request = request.into_inner();
+        let only = request.source;
+        let limit = match request.limit {
+            0 => DEFAULT_MISSING_LIMIT,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         if !only.is_empty() && self.scheduler.catalog().source(&only).is_none() {
             return Err(Status::not_found(format!(
                 "source {only} is not in the catalog"
@@ -353,13 +360,19 @@ impl pb::control_server::Control for ControlService {
         let sources = report
             .sources
             .iter()
-            .filter(|(name, _, _)| only.is_empty() || *name == only)
-            .map(|(name, priority, c)| {
+            .enumerate()
+            .filter(|(_, (name, _, _))| only.is_empty() || *name == only)
+            .map(|(i, (name, priority, c))| {
                 total.add(c);
+                let missing_keys = match report.missing.get(i) {
+                    Some(keys) if request.missing => keys.iter().take(limit).cloned().collect(),
+                    _ => Vec::new(),
+                };
                 pb::SourceCoverage {
                     source: name.clone(),
                     coverage: Some(coverage_pb(c)),
                     priority: pb::Priority::from(*priority) as i32,
+                    missing_keys,
                 }
             })
             .collect();

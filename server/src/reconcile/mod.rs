@@ -45,6 +45,9 @@ const APPLY_CHUNKS_IN_FLIGHT: usize = 2;
 pub struct CoverageReport {
     /// `(source, priority, coverage)` in catalog order.
     pub sources: Vec<(String, Priority, Coverage)>,
+    /// Per source (like `sources`), the first missing keys in expansion
+    /// order, at most `plan::MISSING_SAMPLE`.
+    pub missing: Vec<Vec<String>>,
     /// All sources.
     pub total: Coverage,
     /// When computed (0: never).
@@ -238,6 +241,7 @@ impl Reconciler {
                 .zip(&plan.coverage)
                 .map(|(s, c)| (s.name.clone(), s.priority, *c))
                 .collect(),
+            missing: plan.missing,
             total,
             computed_at: now_ms(),
             evidence: observation.evidence,

@@ -170,7 +170,13 @@ pub struct Plan {
     pub gap_count: u64,
     /// Coverage per source, indexed like `sources`.
     pub coverage: Vec<Coverage>,
+    /// Per source, the first [`MISSING_SAMPLE`] keys the lake does not have,
+    /// in expansion order (what `adcectl coverage --missing` lists).
+    pub missing: Vec<Vec<String>>,
 }
+
+/// How many missing keys a plan keeps per source.
+pub const MISSING_SAMPLE: usize = 1000;
 
 impl Plan {
     /// Coverage of all sources together.
@@ -231,6 +237,7 @@ impl<'a> Planner<'a> {
                 gaps: Vec::new(),
                 gap_count: 0,
                 coverage: vec![Coverage::default(); sources.len()],
+                missing: vec![Vec::new(); sources.len()],
             },
             sink: None,
         }
@@ -303,12 +310,16 @@ impl<'a> Planner<'a> {
                 *reason = Some(r);
             }
         };
-        for answer in observed {
+        let sample = &mut self.plan.missing[source];
+        for (key, answer) in keys.iter().zip(observed) {
             cov.expected += 1;
             match answer {
                 None => {
                     cov.missing += 1;
                     worse(GapReason::Missing, &mut reason);
+                    if sample.len() < MISSING_SAMPLE {
+                        sample.push(key.clone());
+                    }
                 }
                 Some(obj) if obj.size < src.min_bytes => {
                     cov.too_small += 1;
@@ -585,6 +596,22 @@ mod tests {
         }
     }
 
+    /// Each source keeps its first missing keys in expansion order, only
+    /// absent ones (not too small or stale), at most MISSING_SAMPLE.
+    #[test]
+    fn the_first_missing_keys_of_each_source_are_kept_in_order() {
+        let mut exp = vec![expected(1, 1, 2)];
+        exp.extend((0..MISSING_SAMPLE as u32 + 10).map(|id| expected(0, id, 1)));
+        let mut observed = Observed::default();
+        observed.insert("s0/1/0", obj(5));
+        observed.insert("s1/1/0", obj(3)); // too small: not missing
+        let plan = plan(&sources(), &exp, &observed, &QueueView::new(), 0);
+        assert_eq!(plan.missing[1], ["s1/1/1"]);
+        assert_eq!(plan.missing[0].len(), MISSING_SAMPLE);
+        assert_eq!(plan.missing[0][..3], ["s0/0/0", "s0/2/0", "s0/3/0"]);
+        assert_eq!(plan.coverage[0].missing, MISSING_SAMPLE as u64 + 9);
+    }
+
     #[test]
     fn missing_and_too_small_objects_become_gaps_with_reasons() {
         let exp = vec![expected(0, 1, 2), expected(1, 2, 1), expected(1, 3, 1)];
@@ -803,6 +830,7 @@ sources:
             let eagerly = plan(&plan_sources(&catalog), &expected, &observed, &view, now);
             prop_assert_eq!(&lazily.gaps, &eagerly.gaps);
             prop_assert_eq!(&lazily.coverage, &eagerly.coverage);
+            prop_assert_eq!(&lazily.missing, &eagerly.missing);
             prop_assert_eq!(lazily.gap_count, eagerly.gap_count);
         }
     }

@@ -138,6 +138,42 @@ fn fills_lake_exactly_once() {
     }
 
     let server = ServerProc::start(&config_path, listen);
+
+    // Before any agent runs, the first reconcile's missing keys are listed
+    // in expansion order, as many as asked.
+    let first = wait_until("the first reconcile", FILL_TIMEOUT, POLL, || {
+        let coverage =
+            server.ctl_json(&["coverage", "--source", "ids", "--missing", "--limit", "5"]);
+        if coverage["computed_unix_ms"].as_i64().unwrap_or(0) > 0 {
+            Ok(coverage)
+        } else {
+            Err(coverage)
+        }
+    });
+    let want: Vec<String> = (PRESENT_IDS..PRESENT_IDS + 5).map(id_key).collect();
+    assert_eq!(
+        first["sources"][0]["missing_keys"],
+        serde_json::json!(want),
+        "{first:#}"
+    );
+    assert_eq!(
+        count(&first, "/sources/0/missing"),
+        (ID_COUNT - PRESENT_IDS) as u64
+    );
+    let days = server.ctl_json(&["coverage", "--source", "days", "--missing"]);
+    let keys = days["sources"][0]["missing_keys"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let expected: Vec<String> = missing
+        .iter()
+        .filter(|k| k.starts_with("days/"))
+        .take(100)
+        .cloned()
+        .collect();
+    assert_eq!(keys.len(), 100, "{days:#}");
+    assert_eq!(serde_json::json!(keys), serde_json::json!(expected));
+
     let _a1 = AgentProc::start(&server.url(), "a1", 2, &[("zone", "one")], dir.path());
     let _a2 = AgentProc::start(&server.url(), "a2", 2, &[], dir.path());
 
