@@ -78,6 +78,12 @@ pub fn render(reply: &pb::CoverageReply, now_ms: i64) -> String {
             "computed {}{evidence}\n",
             output::local_with_relative(reply.computed_unix_ms, now_ms)
         ));
+        if reply.updated_unix_ms > 0 {
+            text.push_str(&format!(
+                "moved by uploads since, last {}\n",
+                output::local_with_relative(reply.updated_unix_ms, now_ms)
+            ));
+        }
     }
     text
 }
@@ -144,6 +150,7 @@ mod tests {
             total: Some(summary(250, 200)),
             computed_unix_ms: NOW - 60_000,
             evidence: "listing".into(),
+            updated_unix_ms: NOW - 30_000,
         };
         let text = render(&reply, NOW);
         let lines: Vec<&str> = text.lines().collect();

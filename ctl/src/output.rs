@@ -358,6 +358,7 @@ pub fn status_json(reply: &pb::StatusReply) -> Value {
         "lake": reply.lake,
         "loop": loop_json(&reply.r#loop.unwrap_or_default()),
         "coverage": coverage_json(&reply.coverage.unwrap_or_default()),
+        "coverage_updated_unix_ms": reply.coverage_updated_unix_ms,
         "tasks": counts.totals_json(),
         "tasks_by_priority": counts.by_priority_json(),
         "ready": reply.ready,
@@ -471,6 +472,7 @@ pub fn coverage_reply_json(reply: &pb::CoverageReply) -> Value {
         "total": coverage_json(&reply.total.unwrap_or_default()),
         "computed_unix_ms": reply.computed_unix_ms,
         "evidence": reply.evidence,
+        "updated_unix_ms": reply.updated_unix_ms,
     })
 }
 
@@ -763,6 +765,7 @@ mod tests {
             total: None,
             computed_unix_ms: 7,
             evidence: "listing".into(),
+            updated_unix_ms: 0,
         };
         let value = coverage_reply_json(&reply);
         assert_eq!(value["sources"][0]["source"], json!("espn_pbp"));

@@ -181,6 +181,12 @@ pub fn render_status(reply: &pb::StatusReply, now_ms: i64) -> String {
     output::align_right(&mut cov, &[1, 2, 3, 4, 5, 6]);
     text.push('\n');
     text.push_str(&output::render(&cov));
+    if reply.coverage_updated_unix_ms > 0 {
+        text.push_str(&format!(
+            "coverage of the last reconcile, moved by uploads since (last {})\n",
+            output::local_with_relative(reply.coverage_updated_unix_ms, now_ms)
+        ));
+    }
 
     let counts = TaskCounts::from_reply(&reply.tasks);
     let mut tasks = output::table(["TASKS", "TOTAL", "CRITICAL", "HIGH", "MEDIUM", "LOW"]);
@@ -317,6 +323,7 @@ mod tests {
             lake: "local:/x".into(),
             waiting: Vec::new(),
             backlog_by_source: Default::default(),
+            coverage_updated_unix_ms: NOW - 10_000,
             alerts: Vec::new(),
         }
     }

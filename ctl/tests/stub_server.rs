@@ -159,6 +159,7 @@ impl Control for Stub {
             waiting: Vec::new(),
             backlog_by_source: Default::default(),
             alerts: Vec::new(),
+            coverage_updated_unix_ms: 0,
         }))
     }
 
@@ -279,6 +280,7 @@ impl Control for Stub {
             total: Some(coverage(200, 150)),
             computed_unix_ms: T0,
             evidence: "listing".into(),
+            updated_unix_ms: 0,
         }))
     }
 
@@ -569,7 +571,7 @@ fn status_json_has_exactly_the_documented_shape() {
                      "cycle_started_unix_ms": 0, "cycle_done": 0, "cycle_failed": 0,
                      "cycle_deadline_unix_ms": 0},
             "coverage": {"expected": 500, "present": 500, "missing": 0, "too_small": 0,
-                         "stale": 0, "percent": 100.0},
+                         "stale": 0, "percent": 100.0}, "coverage_updated_unix_ms": 0,
             "tasks": {"pending": 0, "leased": 0, "done": 400, "dead": 0,
                       "unavailable": 0, "cancelled": 0},
             "tasks_by_priority": {
@@ -771,7 +773,7 @@ fn agents_and_coverage_json() {
     assert_eq!(
         json_of(&cov),
         json!({"sources": [row], "total": numbers, "computed_unix_ms": T0,
-               "evidence": "listing"})
+               "evidence": "listing", "updated_unix_ms": 0})
     );
 
     let unknown = adcectl(server.address, &["coverage", "--source", "nope"]);

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::logs::Event;
 use crate::model::{UnixMs, now_ms};
 use crate::reconcile::Reconciler;
+use crate::reconcile::live::LiveCoverage;
 pub use crate::reconcile::{CoverageReport, ReconcileProgress, ReconcileSummary};
 use crate::scheduler::Handle;
 
@@ -70,7 +71,7 @@ pub struct LoopHandle {
     tx: mpsc::Sender<LoopCommand>,
     status: watch::Receiver<LoopStatus>,
     status_tx: Arc<watch::Sender<LoopStatus>>,
-    coverage: watch::Receiver<Arc<CoverageReport>>,
+    coverage: LiveCoverage,
     paused: Arc<AtomicBool>,
     scheduler: Handle,
 }
@@ -87,9 +88,20 @@ impl LoopHandle {
         self.status.borrow().clone()
     }
 
-    /// Coverage from the last reconcile.
+    /// Coverage: the last reconcile's, moved by the uploads since.
     pub fn coverage(&self) -> Arc<CoverageReport> {
-        self.coverage.borrow().clone()
+        Arc::new(self.coverage.snapshot().0)
+    }
+
+    /// The live coverage itself, for the gateway to move.
+    pub fn live_coverage(&self) -> LiveCoverage {
+        self.coverage.clone()
+    }
+
+    /// When an upload last moved the coverage since the last reconcile (0:
+    /// none did).
+    pub fn coverage_updated_at(&self) -> UnixMs {
+        self.coverage.snapshot().1
     }
 
     /// Runs a reconcile (after any that is running) and streams its progress.
@@ -164,7 +176,7 @@ pub fn spawn(
         enabled: opts.enabled,
         ..LoopStatus::default()
     });
-    let (coverage_tx, coverage) = watch::channel(Arc::new(CoverageReport::default()));
+    let coverage = reconciler.live();
     let status_tx = Arc::new(status_tx);
     let paused = Arc::new(AtomicBool::new(false));
     let handle = LoopHandle {
@@ -180,7 +192,6 @@ pub fn spawn(
         reconciler,
         scheduler,
         status: status_tx,
-        coverage: coverage_tx,
         paused,
         cycle_started: None,
         cycle_base: (0, 0),
@@ -194,7 +205,6 @@ struct Loop {
     reconciler: Reconciler,
     scheduler: Handle,
     status: Arc<watch::Sender<LoopStatus>>,
-    coverage: watch::Sender<Arc<CoverageReport>>,
     paused: Arc<AtomicBool>,
     cycle_started: Option<Instant>,
     /// Done and failed totals when the current cycle started.
@@ -323,8 +333,7 @@ impl Loop {
         let now = now_ms();
         let next = now + i64::try_from(self.opts.reconcile_interval.as_millis()).unwrap_or(0);
         match result {
-            Ok((summary, coverage)) => {
-                self.coverage.send_replace(Arc::new(coverage));
+            Ok(summary) => {
                 self.status.send_modify(|s| {
                     s.last_reconcile = now;
                     s.next_reconcile = if self.opts.enabled { next } else { 0 };

@@ -204,6 +204,7 @@ impl pb::control_server::Control for ControlService {
             version: env!("CARGO_PKG_VERSION").into(),
             r#loop: Some(loop_pb(&self.loop_handle.status())),
             coverage: Some(coverage_pb(&self.loop_handle.coverage().total)),
+            coverage_updated_unix_ms: self.loop_handle.coverage_updated_at(),
             tasks,
             agents: agents.iter().map(agent_pb).collect(),
             ready: report.stats.ready,
@@ -381,6 +382,7 @@ impl pb::control_server::Control for ControlService {
             total: Some(coverage_pb(&total)),
             computed_unix_ms: report.computed_at,
             evidence: report.evidence.clone(),
+            updated_unix_ms: self.loop_handle.coverage_updated_at(),
         }))
     }
 

@@ -262,7 +262,8 @@ pub async fn run(
         lake.clone(),
         config.server.max_upload_bytes,
         metrics.clone(),
-    );
+    )
+    .with_live_coverage(loop_handle.live_coverage());
     if let Some(listener) = metrics_listener {
         info!(addr = ?listener.local_addr().ok(), "metrics served at /metrics");
         let refresh = {

@@ -33,7 +33,8 @@ use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::lake::{LakeError, SharedLake};
 use crate::logs::Event;
-use crate::model::{AgentId, LeaseId, validate_key};
+use crate::model::{AgentId, LeaseId, now_ms, validate_key};
+use crate::reconcile::live::LiveCoverage;
 use crate::scheduler::{AdmissionLimits, Handle, LeaseInfo, ObjectCheck, TaskResult};
 
 /// How long a new stream may take to say Hello.
@@ -132,6 +133,8 @@ pub struct Gateway {
     next_conn: Arc<AtomicU64>,
     metrics: crate::metrics::Metrics,
     limits: GatewayLimits,
+    /// Coverage moved by each committed upload, when the server keeps one.
+    live: Option<LiveCoverage>,
 }
 
 impl Gateway {
@@ -149,7 +152,15 @@ impl Gateway {
             next_conn: Arc::new(AtomicU64::new(1)),
             metrics,
             limits: GatewayLimits::default(),
+            live: None,
         }
+    }
+
+    /// The same gateway moving `live` coverage with every committed upload
+    /// (it looks at the object it replaces first: one stat per upload).
+    pub fn with_live_coverage(mut self, live: LiveCoverage) -> Self {
+        self.live = Some(live);
+        self
     }
 
     /// The same gateway enforcing `limits` (admission and message budget).
@@ -409,6 +420,18 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
             );
             return Err(status);
         }
+        // What the upload replaces, for live coverage (a failed stat counts
+        // as absent: the next reconcile corrects the figures anyway).
+        let prior = match &self.live {
+            Some(_) => self
+                .lake
+                .stat(&header.key)
+                .await
+                .ok()
+                .flatten()
+                .map(|m| m.size),
+            None => None,
+        };
         let mut writer = self.lake.put(&header.key).await.map_err(Error::from)?;
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
@@ -480,6 +503,16 @@ impl pb::agent_gateway_server::AgentGateway for Gateway {
         }
         let meta = writer.commit().await.map_err(Error::from)?;
         self.metrics.uploaded(meta.size, started.elapsed());
+        if let Some(live) = &self.live {
+            live.uploaded(
+                &info.source,
+                &header.key,
+                prior,
+                meta.size,
+                info.min_bytes,
+                now_ms(),
+            );
+        }
         let sha256: String = hasher
             .finalize()
             .iter()

@@ -11,6 +11,7 @@
 //! this module, `observe` and `dependent` do the I/O.
 
 mod dependent;
+pub mod live;
 mod observe;
 pub mod observed;
 pub mod plan;
@@ -31,6 +32,7 @@ use crate::model::{Priority, UnixMs, now_ms};
 use crate::scheduler::Handle;
 use crate::store::Readers;
 use dependent::ParentEntry;
+use live::LiveCoverage;
 pub use observe::{InventorySource, fold_pages, list_into};
 use plan::{Coverage, Gap, PlannedTask, plan_catalog_into, planned_task};
 
@@ -95,6 +97,7 @@ pub struct Reconciler {
     inventory: Option<InventorySource>,
     parents: HashMap<String, ParentEntry>,
     metrics: Metrics,
+    live: LiveCoverage,
 }
 
 impl Reconciler {
@@ -116,11 +119,32 @@ impl Reconciler {
             inventory,
             parents: HashMap::new(),
             metrics,
+            live: LiveCoverage::default(),
         }
     }
 
-    /// Runs one reconcile, reporting each phase through `report`.
-    pub async fn run<F, Fut>(&mut self, report: &F) -> Result<(ReconcileSummary, CoverageReport)>
+    /// The coverage this reconciler installs after each run, which uploads
+    /// move in between.
+    pub fn live(&self) -> LiveCoverage {
+        self.live.clone()
+    }
+
+    /// Runs one reconcile, reporting each phase through `report`; its
+    /// coverage is installed in [`Reconciler::live`].
+    pub async fn run<F, Fut>(&mut self, report: &F) -> Result<ReconcileSummary>
+    where
+        F: Fn(ReconcileProgress) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        self.live.observing();
+        let result = self.run_observed(report).await;
+        if result.is_err() {
+            self.live.abandon();
+        }
+        result
+    }
+
+    async fn run_observed<F, Fut>(&mut self, report: &F) -> Result<ReconcileSummary>
     where
         F: Fn(ReconcileProgress) -> Fut,
         Fut: std::future::Future<Output = ()>,
@@ -200,7 +224,7 @@ impl Reconciler {
             if !chunk.is_empty() {
                 let _ = chunks.blocking_send(chunk);
             }
-            (plan, needing)
+            (plan, needing, index)
         });
         let mut created = 0;
         let mut applied = Ok(());
@@ -214,7 +238,7 @@ impl Reconciler {
             }
         }
         drop(planned);
-        let (plan, needing) = planning
+        let (plan, needing, index) = planning
             .await
             .map_err(|e| Error::Internal(format!("planning panicked: {e}")))?;
         applied?;
@@ -276,6 +300,7 @@ impl Reconciler {
             ))
             .row(),
         );
-        Ok((summary, coverage))
+        self.live.install(coverage, Some(&index));
+        Ok(summary)
     }
 }

@@ -20,6 +20,7 @@ mod health;
 mod inventory;
 mod lake;
 mod limits;
+mod live_coverage;
 mod logs;
 mod loopctl;
 mod metrics;
