@@ -601,9 +601,10 @@ impl Validator<'_> {
     }
 
     /// Source `later` uses template `t` (at `op`) that source `earlier` uses
-    /// too: allowed when both have static partitions and, as of today, no key
-    /// of one is a key of the other. The error names both sources and the
-    /// first key (in `later`'s order) they would both expect.
+    /// too: allowed when, as of today, no key of one is a key of the other.
+    /// The error names both sources and the first key (in `later`'s order)
+    /// they would both expect. A dependent source's keys are known only
+    /// from its parent objects, so each reconcile checks those pairs.
     fn shared_template(
         &self,
         earlier: usize,
@@ -629,14 +630,8 @@ impl Validator<'_> {
                 .any(|g| matches!(g, Generator::FromObjects(_)))
         };
         if dependent(a) || dependent(b) {
-            return Err(self.at(
-                op,
-                format!(
-                    "object key template `{}` is used twice (also by source `{}`); sources may share a template only when both have static partitions (dates, seasons, values)",
-                    excerpt(t.as_str()),
-                    a.name
-                ),
-            ));
+            // Known only once parent objects are read: each reconcile checks.
+            return Ok(());
         }
         let today = chrono::Utc::now().date_naive();
         let keys = |s: &SourceConfig, f: &mut dyn FnMut(String) -> bool| {

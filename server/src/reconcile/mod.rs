@@ -178,6 +178,11 @@ impl Reconciler {
             ))
             .await;
         }
+        if let Some(shared) = plan::shared_key(&self.catalog, today, &dependent) {
+            let message = format!("config error: {shared}");
+            self.scheduler.log(Event::error(message.clone()).row());
+            return Err(Error::InvalidArgument(message));
+        }
         let dependent_partitions: usize = dependent.iter().map(|(_, d)| d.len()).sum();
         report(ReconcileProgress::Phase(
             "expand",

@@ -373,6 +373,99 @@ pub fn plan(
     planner.finish()
 }
 
+/// A key two sources would both expect, through a template they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedKey {
+    /// The source earlier in the catalog.
+    pub first: String,
+    /// The later one.
+    pub second: String,
+    /// The first such key, in the later source's order.
+    pub key: String,
+    /// The template both use.
+    pub template: String,
+}
+
+impl std::fmt::Display for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sources `{}` and `{}` both expect key `{}` (object key template `{}`); sources may share a template only when their partitions are disjoint",
+            self.first, self.second, self.key, self.template
+        )
+    }
+}
+
+/// The first key two sources would both expect through a template they
+/// share, where one of them is dependent (partitions of the static pairs
+/// were compared at load): dependent sources' keys come from `dependent`,
+/// static ones are expanded as of `today`. `None` when all are disjoint.
+pub fn shared_key(
+    catalog: &Catalog,
+    today: NaiveDate,
+    dependent: &[(usize, Vec<ExpectedPartition>)],
+) -> Option<SharedKey> {
+    // Each template's users: (source, the template's index in its objects).
+    let mut users: Vec<(&str, Vec<(usize, usize)>)> = Vec::new();
+    for (i, source) in catalog.sources.iter().enumerate() {
+        for (j, t) in source.objects.iter().enumerate() {
+            match users.iter_mut().find(|(text, _)| *text == t.as_str()) {
+                Some((_, list)) => list.push((i, j)),
+                None => users.push((t.as_str(), vec![(i, j)])),
+            }
+        }
+    }
+    for (template, list) in users {
+        let shared = list.len() > 1;
+        if !shared
+            || list
+                .iter()
+                .all(|(i, _)| catalog.sources[*i].dependency().is_none())
+        {
+            continue;
+        }
+        let mut owner: HashMap<String, usize> = HashMap::new();
+        for &(i, j) in &list {
+            let source = &catalog.sources[i];
+            let mut keys = Vec::new();
+            if source.dependency().is_some() {
+                if let Some((_, parts)) = dependent.iter().find(|(d, _)| *d == i) {
+                    keys.extend(parts.iter().filter_map(|e| e.keys.get(j).cloned()));
+                }
+            } else {
+                let generators: Vec<(String, Vec<Value>)> = source
+                    .generators
+                    .iter()
+                    .map(|g| (g.var().to_owned(), g.values(today)))
+                    .collect();
+                let t = &source.objects[j];
+                for_each_product(&generators, |p| {
+                    if let Ok(key) = t.render_partition(p) {
+                        keys.push(key);
+                    }
+                });
+            }
+            for key in keys {
+                match owner.get(&key) {
+                    Some(&other) if other != i => {
+                        return Some(SharedKey {
+                            first: catalog.sources[other].name.clone(),
+                            second: source.name.clone(),
+                            key,
+                            template: template.to_owned(),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        owner.insert(key, i);
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
 /// A task a plan wants to exist. Its partition and keys are encoded once,
 /// here on the planning thread, so the scheduler (the single writer) only
 /// writes them; it decodes them only for the few tasks it keeps in memory.
@@ -833,5 +926,56 @@ sources:
             prop_assert_eq!(&lazily.missing, &eagerly.missing);
             prop_assert_eq!(lazily.gap_count, eagerly.gap_count);
         }
+    }
+
+    /// A dependent source may share a template with a static one until a
+    /// parent lists a value the static one expects too: then the first such
+    /// key is named with both sources.
+    #[test]
+    fn shared_templates_with_a_dependent_source_are_checked_against_its_values() {
+        let cfg = Config::parse(
+            "\
+version: 1
+lake: {local: {root: lake}}
+scrapers:
+  s:
+    command: [\"true\"]
+sources:
+  - name: games
+    scraper: s
+    partitions:
+      from_objects: {objects: \"sched.json\", var: game_id, json: /ids}
+    objects: [\"g/{game_id}.json\"]
+  - name: more
+    scraper: s
+    partitions:
+      values: {var: game_id, values: [\"7\", \"8\"]}
+    objects: [\"m/{game_id}.csv\", \"g/{game_id}.json\"]
+",
+            std::path::Path::new("adce.yaml"),
+        )
+        .unwrap();
+        let catalog = Catalog::from_config(&cfg);
+        let today = NaiveDate::from_ymd_opt(2024, 11, 1).unwrap();
+        let expand = |values: &[&str]| {
+            let parents = vec![(
+                Partition::default(),
+                values.iter().map(|v| v.to_string()).collect(),
+            )];
+            vec![(0, catalog.expand_dependent(0, &parents))]
+        };
+        assert_eq!(shared_key(&catalog, today, &expand(&["1", "2"])), None);
+        assert_eq!(shared_key(&catalog, today, &[]), None);
+        let shared = shared_key(&catalog, today, &expand(&["1", "8", "7"])).unwrap();
+        assert_eq!(
+            shared,
+            SharedKey {
+                first: "games".into(),
+                second: "more".into(),
+                key: "g/7.json".into(),
+                template: "g/{game_id}.json".into(),
+            }
+        );
+        assert!(shared.to_string().contains("both expect key `g/7.json`"));
     }
 }
