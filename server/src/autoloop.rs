@@ -98,10 +98,11 @@ impl LoopHandle {
         self.coverage.clone()
     }
 
-    /// When an upload last moved the coverage since the last reconcile (0:
-    /// none did).
-    pub fn coverage_updated_at(&self) -> UnixMs {
-        self.coverage.snapshot().1
+    /// The coverage and when an upload last moved it since the last
+    /// reconcile (0: none did), read together.
+    pub fn coverage_with_update(&self) -> (Arc<CoverageReport>, UnixMs) {
+        let (report, updated) = self.coverage.snapshot();
+        (Arc::new(report), updated)
     }
 
     /// Runs a reconcile (after any that is running) and streams its progress.

@@ -200,11 +200,12 @@ impl pb::control_server::Control for ControlService {
                 }
             })
             .collect();
+        let (coverage, coverage_updated_unix_ms) = self.loop_handle.coverage_with_update();
         Ok(Response::new(pb::StatusReply {
             version: env!("CARGO_PKG_VERSION").into(),
             r#loop: Some(loop_pb(&self.loop_handle.status())),
-            coverage: Some(coverage_pb(&self.loop_handle.coverage().total)),
-            coverage_updated_unix_ms: self.loop_handle.coverage_updated_at(),
+            coverage: Some(coverage_pb(&coverage.total)),
+            coverage_updated_unix_ms,
             tasks,
             agents: agents.iter().map(agent_pb).collect(),
             ready: report.stats.ready,
@@ -356,7 +357,7 @@ impl pb::control_server::Control for ControlService {
                 "source {only} is not in the catalog"
             )));
         }
-        let report = self.loop_handle.coverage();
+        let (report, updated_unix_ms) = self.loop_handle.coverage_with_update();
         let mut total = Coverage::default();
         let sources = report
             .sources
@@ -382,7 +383,7 @@ impl pb::control_server::Control for ControlService {
             total: Some(coverage_pb(&total)),
             computed_unix_ms: report.computed_at,
             evidence: report.evidence.clone(),
-            updated_unix_ms: self.loop_handle.coverage_updated_at(),
+            updated_unix_ms,
         }))
     }
 
