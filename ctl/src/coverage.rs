@@ -165,6 +165,14 @@ mod tests {
             ["TOTAL", "250", "200", "50", "0", "0", "80.0%"]
         );
         assert!(lines[4].contains("(1m ago) from listing"), "{text}");
+        assert!(
+            lines[5].starts_with("moved by uploads since, last ")
+                && lines[5].ends_with("(30s ago)"),
+            "{text}"
+        );
+        let mut confirmed = reply.clone();
+        confirmed.updated_unix_ms = 0;
+        assert!(!render(&confirmed, NOW).contains("moved by uploads"));
     }
 
     #[test]

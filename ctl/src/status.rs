@@ -329,6 +329,19 @@ mod tests {
     }
 
     #[test]
+    fn status_says_when_uploads_moved_the_coverage() {
+        let text = render_status(&reply(), NOW);
+        assert!(
+            text.contains("coverage of the last reconcile, moved by uploads since (last ")
+                && text.contains("(10s ago))"),
+            "{text}"
+        );
+        let mut confirmed = reply();
+        confirmed.coverage_updated_unix_ms = 0;
+        assert!(!render_status(&confirmed, NOW).contains("moved by uploads"));
+    }
+
+    #[test]
     fn loop_phrase_names_each_mode() {
         let mut state = pb::LoopState {
             enabled: true,

@@ -252,3 +252,67 @@ fn hostile_parent_values_never_reach_keys_or_argv() {
         "rejection warnings: {rejected:#?}"
     );
 }
+
+/// A dependent source may share a key template with a static one; when a
+/// parent lists a value the static source expects too, the reconcile fails
+/// with a config error naming both sources and the key, and creates nothing.
+#[test]
+fn a_key_shared_through_a_dependent_source_fails_the_reconcile() {
+    let dir = TestDir::new();
+    dir.install_scrapers();
+    let listen = free_addr();
+    let config = format!(
+        "{base}scrapers:
+  game:
+    command: [\"{{config_dir}}/scrapers/game.sh\", \"{{game_id}}\"]
+    timeout: 30s
+sources:
+  - name: games
+    scraper: game
+    partitions:
+      from_objects: {{objects: \"sched/{{date:%Y%m%d}}.json\", var: game_id, json: \"/ids/*\"}}
+    objects: [\"games/{{game_id}}.json\"]
+  - name: extra
+    scraper: game
+    partitions:
+      values: {{var: game_id, values: [\"7\", \"9\"]}}
+    objects: [\"games/{{game_id}}.json\"]
+",
+        base = base_config(listen)
+    );
+    let config_path = dir.write_config("adce.yaml", &config);
+    // Disjoint first: the parent lists 1 and 2.
+    let parent = dir.join("lake/sched/20241022.json");
+    write_file(&parent, br#"{"ids": ["1", "2"]}"#);
+    let server = ServerProc::start(&config_path, listen);
+    let ok = server.ctl(&["reconcile"]);
+    assert!(ok.status.success(), "{ok:?}");
+
+    // Now it lists 9, which `extra` expects too.
+    write_file(&parent, br#"{"ids": ["1", "9"]}"#);
+    let failed = server.ctl(&["reconcile"]);
+    assert!(!failed.status.success(), "{failed:?}");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&failed.stdout),
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert!(
+        said.contains("sources `games` and `extra` both expect key `games/9.json`"),
+        "{said}"
+    );
+    wait_until("the error in the log", FILL_TIMEOUT, POLL, || {
+        let entries = log_entries(&server.url(), LOG_TAIL, &[]);
+        if entries
+            .iter()
+            .any(|e| e.to_string().contains("both expect key `games/9.json`"))
+        {
+            Ok(())
+        } else {
+            Err(entries.len())
+        }
+    });
+    // The first reconcile's tasks stand; the failed one added none.
+    let tasks = all_tasks(&server.url(), &[]);
+    assert_eq!(tasks.len(), 4, "{tasks:#?}");
+}
