@@ -90,7 +90,7 @@ impl LoopHandle {
 
     /// Coverage: the last reconcile's, moved by the uploads since.
     pub fn coverage(&self) -> Arc<CoverageReport> {
-        Arc::new(self.coverage.snapshot().0)
+        self.coverage.snapshot().0
     }
 
     /// The live coverage itself, for the gateway to move.
@@ -101,8 +101,7 @@ impl LoopHandle {
     /// The coverage and when an upload last moved it since the last
     /// reconcile (0: none did), read together.
     pub fn coverage_with_update(&self) -> (Arc<CoverageReport>, UnixMs) {
-        let (report, updated) = self.coverage.snapshot();
-        (Arc::new(report), updated)
+        self.coverage.snapshot()
     }
 
     /// Runs a reconcile (after any that is running) and streams its progress.

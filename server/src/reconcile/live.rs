@@ -15,7 +15,6 @@
 //! - At most [`MAX_RECORDED`] uploads are remembered during one observation;
 //!   beyond that the new report may undercount until the next reconcile.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::CoverageReport;
@@ -80,11 +79,42 @@ struct Recorded {
 
 #[derive(Debug, Default)]
 struct State {
-    report: CoverageReport,
+    /// Shared with readers; an upload copies it only while one holds it.
+    report: Arc<CoverageReport>,
     /// When an upload last moved the figures (0: not since the reconcile).
     updated_at: UnixMs,
     /// Uploads since the running reconcile began observing, if one runs.
     recorded: Option<Vec<Recorded>>,
+}
+
+/// Moves one object of `source` in `report` (its figures, the total, and
+/// the missing-key list); whether anything moved.
+fn move_object(
+    report: &mut CoverageReport,
+    source: &str,
+    key: &str,
+    movement: Move,
+    size: u64,
+    min_bytes: u64,
+) -> bool {
+    if movement == Move::None {
+        return false;
+    }
+    let Some(i) = report
+        .sources
+        .iter()
+        .position(|(name, _, _)| name == source)
+    else {
+        return false; // not in the report: a source added since
+    };
+    movement.apply(&mut report.sources[i].2, size, min_bytes);
+    movement.apply(&mut report.total, size, min_bytes);
+    if movement == Move::FromMissing
+        && let Some(keys) = report.missing.get_mut(i)
+    {
+        keys.retain(|k| k != key);
+    }
+    true
 }
 
 /// The shared live coverage: the gateway moves it, the loop installs each
@@ -98,10 +128,10 @@ impl LiveCoverage {
     }
 
     /// The figures now, and when an upload last moved them (0: not since
-    /// the reconcile that computed them).
-    pub fn snapshot(&self) -> (CoverageReport, UnixMs) {
+    /// the reconcile that computed them). Cheap: the report is shared.
+    pub fn snapshot(&self) -> (Arc<CoverageReport>, UnixMs) {
         let state = self.lock();
-        (state.report.clone(), state.updated_at)
+        (Arc::clone(&state.report), state.updated_at)
     }
 
     /// An upload of `key` (`size` bytes, over an object of `prior` bytes or
@@ -127,25 +157,18 @@ impl LiveCoverage {
             });
         }
         let movement = Move::of(prior, size, min_bytes);
-        if movement == Move::None {
-            return;
-        }
-        let report = &mut state.report;
-        let Some(i) = report
-            .sources
-            .iter()
-            .position(|(name, _, _)| name == source)
-        else {
-            return; // not in the last report: a source added since
-        };
-        movement.apply(&mut report.sources[i].2, size, min_bytes);
-        movement.apply(&mut report.total, size, min_bytes);
-        if movement == Move::FromMissing
-            && let Some(keys) = report.missing.get_mut(i)
+        if movement != Move::None
+            && move_object(
+                Arc::make_mut(&mut state.report),
+                source,
+                key,
+                movement,
+                size,
+                min_bytes,
+            )
         {
-            keys.retain(|k| k != key);
+            state.updated_at = now;
         }
-        state.updated_at = now;
     }
 
     /// A reconcile begins observing the lake: uploads from now on are
@@ -162,34 +185,21 @@ impl LiveCoverage {
         let recorded = state.recorded.take().unwrap_or_default();
         let mut updated = false;
         if let Some(index) = index {
-            let position: HashMap<&str, usize> = report
-                .sources
-                .iter()
-                .enumerate()
-                .map(|(i, (name, _, _))| (name.as_str(), i))
-                .collect();
-            let mut moves = Vec::new();
             for r in &recorded {
-                let Some(&i) = position.get(r.source.as_str()) else {
-                    continue;
-                };
                 let seen = index.get(&r.key).map(|o| o.size);
                 let movement = Move::of(seen, r.size, r.min_bytes);
-                if movement != Move::None {
-                    moves.push((i, movement, r));
-                }
-            }
-            for (i, movement, r) in moves {
-                movement.apply(&mut report.sources[i].2, r.size, r.min_bytes);
-                movement.apply(&mut report.total, r.size, r.min_bytes);
-                if let Some(keys) = report.missing.get_mut(i) {
-                    keys.retain(|k| *k != r.key);
-                }
-                updated = true;
+                updated |= move_object(
+                    &mut report,
+                    &r.source,
+                    &r.key,
+                    movement,
+                    r.size,
+                    r.min_bytes,
+                );
             }
         }
         state.updated_at = if updated { report.computed_at } else { 0 };
-        state.report = report;
+        state.report = Arc::new(report);
     }
 
     /// A reconcile failed: stop remembering uploads for it.
