@@ -496,13 +496,10 @@ impl Source {
         if self.dependency.is_some() {
             return Vec::new();
         }
-        let generators: Vec<(String, Vec<Value>)> = self
-            .generators
-            .iter()
-            .map(|g| (g.var().to_owned(), g.values(today)))
-            .collect();
         let mut out = Vec::new();
-        for_each_product(&generators, |p| out.push(p.clone()));
+        for_each_product(&Generator::value_lists(&self.generators, today), |p| {
+            out.push(p.clone());
+        });
         out
     }
 

@@ -14,8 +14,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::calendar::{Calendar, DateSpan, WeekdayName, YearWindow};
 use super::dependent::FromObjectsGenerator;
 use super::scalars::{PartitionValue, excerpt, from_text as text, is_valid_var};
-use crate::model::Value;
-use crate::template::parse_iso_date;
+use crate::model::{Value, for_each_product};
+use crate::template::{Template, parse_iso_date};
 
 /// A source's partition generators; several form their cartesian product in order
 /// (the first varies slowest). None means one partition without variables.
@@ -116,6 +116,31 @@ impl Generator {
             // Dependent values come from parent objects, not from the calendar.
             Generator::FromObjects(_) => Vec::new(),
         }
+    }
+
+    /// Each generator's variable with its values as of `today`: the lists
+    /// whose product (`model::for_each_product`) are the partitions.
+    pub fn value_lists(generators: &[Generator], today: NaiveDate) -> Vec<(String, Vec<Value>)> {
+        generators
+            .iter()
+            .map(|g| (g.var().to_owned(), g.values(today)))
+            .collect()
+    }
+
+    /// Hands `f` the key `template` renders for each partition of
+    /// `generators` as of `today`, in order, until `f` returns true.
+    pub fn for_each_key(
+        generators: &[Generator],
+        template: &Template,
+        today: NaiveDate,
+        mut f: impl FnMut(String) -> bool,
+    ) {
+        let mut stop = false;
+        for_each_product(&Generator::value_lists(generators, today), |p| {
+            if !stop && let Ok(key) = template.render_partition(p) {
+                stop = f(key);
+            }
+        });
     }
 }
 

@@ -17,10 +17,7 @@ use super::{
     VarKind,
 };
 use crate::extract::Column;
-use crate::model::{
-    InvalidKey, MAX_KEY_LEN, MAX_VALUE_LEN, SPECIAL_VARS, VAR_OUT, Value, for_each_product,
-    validate_key,
-};
+use crate::model::{InvalidKey, MAX_KEY_LEN, MAX_VALUE_LEN, SPECIAL_VARS, VAR_OUT, validate_key};
 use crate::template::{Arg, Template, is_ident};
 
 /// A validation failure: where and what.
@@ -634,27 +631,13 @@ impl Validator<'_> {
             return Ok(());
         }
         let today = chrono::Utc::now().date_naive();
-        let keys = |s: &SourceConfig, f: &mut dyn FnMut(String) -> bool| {
-            let generators: Vec<(String, Vec<Value>)> = s
-                .partitions
-                .0
-                .iter()
-                .map(|g| (g.var().to_owned(), g.values(today)))
-                .collect();
-            let mut stop = false;
-            for_each_product(&generators, |p| {
-                if !stop && let Ok(key) = t.render_partition(p) {
-                    stop = f(key);
-                }
-            });
-        };
         let mut theirs = HashSet::new();
-        keys(a, &mut |k| {
+        Generator::for_each_key(&a.partitions.0, t, today, |k| {
             theirs.insert(k);
             false
         });
         let mut shared = None;
-        keys(b, &mut |k| {
+        Generator::for_each_key(&b.partitions.0, t, today, |k| {
             let hit = theirs.contains(&k);
             if hit {
                 shared = Some(k);

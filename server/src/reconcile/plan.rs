@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use chrono::NaiveDate;
 
 use super::observed::{ObservedIndex, ObservedObject};
-use crate::catalog::{Catalog, ExpectedPartition};
+use crate::catalog::{Catalog, ExpectedPartition, Generator};
 pub use crate::config::Refresh;
 use crate::model::{
     Encoded, GapReason, Partition, Priority, UnixMs, Value, for_each_product, nth_partition,
@@ -433,16 +433,9 @@ pub fn shared_key(
                     keys.extend(parts.iter().filter_map(|e| e.keys.get(j).cloned()));
                 }
             } else {
-                let generators: Vec<(String, Vec<Value>)> = source
-                    .generators
-                    .iter()
-                    .map(|g| (g.var().to_owned(), g.values(today)))
-                    .collect();
-                let t = &source.objects[j];
-                for_each_product(&generators, |p| {
-                    if let Ok(key) = t.render_partition(p) {
-                        keys.push(key);
-                    }
+                Generator::for_each_key(&source.generators, &source.objects[j], today, |k| {
+                    keys.push(k);
+                    false
                 });
             }
             for key in keys {
@@ -564,11 +557,7 @@ pub fn plan_catalog_into<'a>(
         if source.dependency().is_some() {
             continue;
         }
-        let generators: Vec<(String, Vec<Value>)> = source
-            .generators
-            .iter()
-            .map(|g| (g.var().to_string(), g.values(today)))
-            .collect();
+        let generators = Generator::value_lists(&source.generators, today);
         let mut batch = ProbeBatch::default();
         let mut number = 0u64;
         for_each_product(&generators, |partition| {
