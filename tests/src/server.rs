@@ -88,14 +88,7 @@ impl ServerProc {
     /// Starts `adce-server --config FILE --listen ADDR` (logs in the config's
     /// directory) and waits until it is SERVING.
     pub fn start(config: &Path, listen: SocketAddr) -> ServerProc {
-        let log_dir = config.parent().unwrap_or_else(|| Path::new("."));
-        let args: Vec<OsString> = vec![
-            "--config".into(),
-            config.as_os_str().to_owned(),
-            "--listen".into(),
-            listen.to_string().into(),
-        ];
-        ServerProc::start_with_args(&args, listen, log_dir)
+        ServerProc::start_with_env(config, listen, &[])
     }
 
     /// Like [`ServerProc::start`] with extra environment variables for the
