@@ -47,8 +47,9 @@ impl Move {
         }
     }
 
-    /// Applies the move to `c`, for a new object of `size` bytes.
-    fn apply(self, c: &mut Coverage, size: u64, min_bytes: u64) {
+    /// Applies the move to `c`, for a new object of `size` bytes; whether
+    /// there was an object to move.
+    fn apply(self, c: &mut Coverage, size: u64, min_bytes: u64) -> bool {
         let now_present = size >= min_bytes;
         match self {
             Move::FromMissing if c.missing > 0 => {
@@ -58,12 +59,14 @@ impl Move {
                 } else {
                     c.too_small += 1;
                 }
+                true
             }
             Move::FromTooSmall if c.too_small > 0 => {
                 c.too_small -= 1;
                 c.present += 1;
+                true
             }
-            _ => {}
+            _ => false,
         }
     }
 }
@@ -97,9 +100,6 @@ fn move_object(
     size: u64,
     min_bytes: u64,
 ) -> bool {
-    if movement == Move::None {
-        return false;
-    }
     let Some(i) = report
         .sources
         .iter()
@@ -107,7 +107,10 @@ fn move_object(
     else {
         return false; // not in the report: a source added since
     };
-    movement.apply(&mut report.sources[i].2, size, min_bytes);
+    // The total moves with its source, so it stays the sources' sum.
+    if !movement.apply(&mut report.sources[i].2, size, min_bytes) {
+        return false;
+    }
     movement.apply(&mut report.total, size, min_bytes);
     if movement == Move::FromMissing
         && let Some(keys) = report.missing.get_mut(i)
@@ -265,6 +268,32 @@ mod tests {
         // Unknown sources are ignored.
         live.uploaded("zzz", "k", None, 10, 5, 4_000);
         assert_eq!(live.snapshot().0.total, r.total);
+    }
+
+    /// An upload a source has nothing left to move for (its missing count
+    /// is already 0) moves neither it nor the total, which stays the sum.
+    #[test]
+    fn the_total_stays_the_sum_of_the_sources() {
+        let live = LiveCoverage::default();
+        let mut r = report(2, 0, 0);
+        let full = Coverage {
+            expected: 1,
+            present: 1,
+            ..Coverage::default()
+        };
+        r.sources.push(("b".into(), Priority::Low, full));
+        r.missing.push(Vec::new());
+        r.total.add(&full);
+        live.install(r, None);
+        live.uploaded("b", "b/1", None, 10, 5, 2_000);
+        let (r, at) = live.snapshot();
+        assert_eq!((r.total.missing, r.total.present), (2, 1));
+        assert_eq!(at, 0, "nothing moved");
+        let mut sum = Coverage::default();
+        for (_, _, c) in &r.sources {
+            sum.add(c);
+        }
+        assert_eq!(sum, r.total);
     }
 
     #[test]
